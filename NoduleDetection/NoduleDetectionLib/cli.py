@@ -1,0 +1,92 @@
+"""The ``nodule-detection`` command line: thin entry points over the class API.
+
+Each sub-command is registered by an ``_add_<name>`` function that builds its parser and sets
+``func``, the handler called with the parsed arguments. User errors (``NoduleDetectionError``) print one
+line to stderr and exit with status 2; nothing prints a traceback for a user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import NoduleDetectionError
+
+log = logging.getLogger("nodule_detection")
+
+
+def _add_detect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "detect",
+        help="find lung nodules in a chest CT",
+        description=(
+            "Find lung nodules in a chest CT (DICOM folder, .nrrd, .nii/.nii.gz, .mhd/.mha) and write "
+            "<name>.mrk.json (Slicer markups), <name>.seg.nrrd (Slicer segmentation), <name>.csv "
+            "(LUNA16 style, world LPS mm), <name>.json (summary) and <name>_nodules.png (a picture per "
+            "nodule) into OUTDIR. Not a medical device."
+        ),
+    )
+    p.add_argument("input", help="CT: DICOM folder or image file")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="report nodules with probability >= P (default: the model's own threshold)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the networks run (default: auto = cuda if available)")
+    p.add_argument("--model", default=None, metavar="FILE", help="model file (default: the shipped model)")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="SeriesInstanceUID to use when a DICOM folder holds several series")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=_run_detect)
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    from .pipeline import detect_to_files
+
+    paths = detect_to_files(
+        args.input, args.output, model=args.model, threshold=args.threshold, device=args.device,
+        series_uid=args.series, overwrite=args.overwrite, show_progress=True,
+    )
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+COMMANDS = [_add_detect]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="nodule-detection",
+        description="Lung nodule detection in chest CT (U-net candidates + 3D CNN false-positive "
+        "reduction). Research software: not a medical device.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except NoduleDetectionError as exc:
+        print(f"nodule-detection: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nodule-detection: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
