@@ -54,7 +54,87 @@ def _run_detect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_detect]
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="LUNA16 FROC evaluation of a candidates file",
+        description=(
+            "Score nodule candidates (LUNA16 result CSV: seriesuid,coordX,coordY,coordZ,probability, world "
+            "LPS mm) against annotations with the protocol of the official LUNA16 script: sensitivity at "
+            "1/8..8 false positives per scan, CPM, 95% bootstrap intervals. Writes froc.json, froc.png, "
+            "froc_curve.csv and missed_nodules.csv into OUTDIR."
+        ),
+    )
+    p.add_argument("--annotations", required=True, metavar="CSV",
+                   help="LUNA16 annotations.csv, or a table with a status column (nodule/excluded/mass)")
+    p.add_argument("--excluded", default=None, metavar="CSV", help="LUNA16 annotations_excluded.csv")
+    p.add_argument("--candidates", required=True, metavar="CSV", help="candidates (LUNA16 result file)")
+    p.add_argument("--scans", default=None, metavar="LIST",
+                   help="seriesuids that count, one per line (default: every scan of the annotation files)")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
+    _add_bootstrap_options(p)
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_files
+
+    result, paths = evaluate_files(
+        args.annotations, args.candidates, args.output, excluded=args.excluded, scans=args.scans,
+        n_bootstrap=args.bootstrap, seed=args.seed, overwrite=args.overwrite,
+    )
+    print(f"CPM {result.cpm:.4f}")
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+def _add_evaluate_detector(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate-detector",
+        help="run the detector over a data set and score it (LUNA16 FROC)",
+        description=(
+            "Run the detector over every scan of DATASET (a LUNA16 folder: subset*/*.mhd or *.mhd with "
+            "annotations.csv and annotations_excluded.csv; or a folder laid out like ../shared/data: ct/ "
+            "entries and annotations.csv with scan and status columns) and score the candidates as "
+            "'evaluate' does. Writes candidates.csv, report.json, report.md and the FROC outputs into OUTDIR."
+        ),
+    )
+    p.add_argument("dataset", metavar="DATASET", help="data set folder")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
+    p.add_argument("--model", default=None, metavar="FILE", help="model file (default: the shipped model)")
+    p.add_argument("--threshold", type=float, default=0.0, metavar="P",
+                   help="keep candidates with probability >= P (default 0: all, so the FROC covers the curve)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the networks run (default: auto = cuda if available)")
+    p.add_argument("--scans", default=None, metavar="LIST",
+                   help="only these scans: seriesuids or ct/ entry names, one per line")
+    _add_bootstrap_options(p)
+    p.set_defaults(func=_run_evaluate_detector)
+
+
+def _run_evaluate_detector(args: argparse.Namespace) -> int:
+    from .datasets import read_scan_list
+    from .evaluate import evaluate_detector
+
+    paths = evaluate_detector(
+        args.dataset, args.output, model=args.model, threshold=args.threshold, device=args.device,
+        scans=read_scan_list(args.scans) if args.scans else None, n_bootstrap=args.bootstrap, seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+def _add_bootstrap_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="scan-level bootstrap samples for the 95%% intervals (default 1000; 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+COMMANDS = [_add_detect, _add_evaluate, _add_evaluate_detector]
 
 
 def build_parser() -> argparse.ArgumentParser:
