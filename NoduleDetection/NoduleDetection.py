@@ -238,7 +238,7 @@ class NoduleDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _selectModel(self, path):
         index = self.ui.modelComboBox.findData(path)
-        if index < 0:  # a model file named in a loaded scene: offer it
+        if index < 0 and os.path.isfile(path):  # a model file named in a loaded scene: offer it
             NoduleDetectionLogic.registerModel(path)
             self._populateModels()
             index = self.ui.modelComboBox.findData(path)
