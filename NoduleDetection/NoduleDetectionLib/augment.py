@@ -1,0 +1,232 @@
+"""Data augmentation for both stages, on numpy patches (no torch).
+
+Every transform is a small class whose ``__call__(image, label, rng)`` takes an image patch ``[k, j, i]``
+(HU or normalised, any float/int dtype), an optional label patch of the same shape (``None`` for image-only
+use) and a seeded ``np.random.Generator``, and returns ``(image, label)``; the same generator state gives the
+same result. Geometric transforms move image and label together; intensity transforms leave the label alone.
+Transforms that need the voxel size take the patch ``spacing`` ``(x, y, z)`` in mm at construction.
+
+Example:
+    >>> import numpy as np
+    >>> from NoduleDetectionLib.augment import Compose, RandomFlip, RandomIntensity
+    >>> image = np.zeros((8, 8, 8), np.float32); label = np.zeros((8, 8, 8), np.uint8)
+    >>> out, lab = Compose([RandomFlip(), RandomIntensity()])(image, label, np.random.default_rng(0))
+    >>> out.shape, lab.dtype
+    ((8, 8, 8), dtype('uint8'))
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+Pair = tuple[np.ndarray, Optional[np.ndarray]]
+
+
+def flip(array: Optional[np.ndarray], axes: Sequence[int]) -> Optional[np.ndarray]:
+    """Flip ``array`` along each of ``axes`` (0 = k, 1 = j, 2 = i); ``None`` passes through."""
+    return None if array is None else np.flip(array, axis=tuple(axes)).copy()
+
+
+def rot90_axial(array: Optional[np.ndarray], k: int) -> Optional[np.ndarray]:
+    """Rotate ``array [k, j, i]`` by ``k`` quarter turns in the axial (j, i) plane; ``None`` passes through."""
+    return None if array is None else np.rot90(array, k, axes=(1, 2)).copy()
+
+
+class RandomFlip:
+    """Flip along each axis in ``axes`` with probability ``p`` (independently).
+
+    Example:
+        >>> import numpy as np
+        >>> from NoduleDetectionLib.augment import RandomFlip
+        >>> image = np.arange(8.0).reshape(2, 2, 2)
+        >>> out, _ = RandomFlip(axes=(2,), p=1.0)(image, None, np.random.default_rng(0))
+        >>> out[0, 0].tolist()
+        [1.0, 0.0]
+    """
+
+    def __init__(self, axes: Sequence[int] = (0, 1, 2), p: float = 0.5):
+        self.axes, self.p = tuple(axes), p
+
+    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator) -> Pair:
+        axes = [a for a in self.axes if rng.random() < self.p]
+        return flip(image, axes), flip(label, axes)
+
+
+class RandomRot90:
+    """Rotate by a random number (0-3) of quarter turns in the axial plane (assumes equal j and i spacing).
+
+    Example:
+        >>> import numpy as np
+        >>> from NoduleDetectionLib.augment import RandomRot90
+        >>> image = np.zeros((1, 2, 3))
+        >>> RandomRot90()(image, None, np.random.default_rng(1))[0].shape in {(1, 2, 3), (1, 3, 2)}
+        True
+    """
+
+    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator) -> Pair:
+        k = int(rng.integers(4))
+        return rot90_axial(image, k), rot90_axial(label, k)
+
+
+def _rotation(angles_rad: np.ndarray) -> np.ndarray:
+    """Rotation matrix in ``[k, j, i]`` mm coordinates: rotations about the k, j and i axes, in that order."""
+    out = np.eye(3)
+    for axis, a in enumerate(angles_rad):
+        c, s = np.cos(a), np.sin(a)
+        p, q = [n for n in range(3) if n != axis]
+        r = np.eye(3)
+        r[p, p], r[p, q], r[q, p], r[q, q] = c, -s, s, c
+        out = r @ out
+    return out
+
+
+class RandomAffine:
+    """Rotate (±``degrees`` about each axis) and scale (``scales``) about the patch centre, in one resample.
+
+    Works in mm (so anisotropic voxels rotate correctly); the image is interpolated linearly (edges
+    replicated), the label by nearest neighbour (outside = 0). A scale above 1 enlarges the content.
+
+    Example:
+        >>> import numpy as np
+        >>> from NoduleDetectionLib.augment import RandomAffine
+        >>> image = np.zeros((9, 9, 9), np.float32); image[4, 4, 4] = 1
+        >>> label = (image > 0).astype(np.uint8)
+        >>> out, lab = RandomAffine(degrees=15, scales=(0.8, 1.2))(image, label, np.random.default_rng(0))
+        >>> int(lab[4, 4, 4])
+        1
+    """
+
+    def __init__(self, degrees: float = 15.0, scales: tuple[float, float] = (0.8, 1.2),
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0)):
+        self.degrees, self.scales = degrees, scales
+        self.spacing_kji = np.asarray(spacing, float)[::-1]
+
+    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator) -> Pair:
+        angles = np.deg2rad(rng.uniform(-self.degrees, self.degrees, 3))
+        scale = rng.uniform(*self.scales)
+        s = np.diag(self.spacing_kji)
+        # output index o -> input index: S^-1 · R^T · S · (o - c) / scale + c
+        matrix = np.linalg.inv(s) @ _rotation(angles).T @ s / scale
+        centre = (np.asarray(image.shape) - 1) / 2.0
+        offset = centre - matrix @ centre
+        out = ndimage.affine_transform(image.astype(np.float32, copy=False), matrix, offset, order=1,
+                                       mode="nearest").astype(image.dtype, copy=False)
+        if label is None:
+            return out, None
+        lab = ndimage.affine_transform(label, matrix, offset, order=0, mode="constant", cval=0)
+        return out, lab
+
+
+class RandomIntensity:
+    """Scale HU by a factor in ``scale`` and shift by an offset in ``offset`` (HU): ``image · a + b``.
+
+    Example:
+        >>> import numpy as np
+        >>> from NoduleDetectionLib.augment import RandomIntensity
+        >>> out, _ = RandomIntensity(scale=(2, 2), offset=(1, 1))(np.ones((2, 2, 2)), None, np.random.default_rng())
+        >>> float(out.max())
+        3.0
+    """
+
+    def __init__(self, scale: tuple[float, float] = (0.95, 1.05), offset: tuple[float, float] = (-20.0, 20.0)):
+        self.scale, self.offset = scale, offset
+
+    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator) -> Pair:
+        a, b = rng.uniform(*self.scale), rng.uniform(*self.offset)
+        return (image.astype(np.float32) * np.float32(a) + np.float32(b)), label
+
+
+class RandomNoise:
+    """Add Gaussian noise whose std (HU) is drawn from ``std``, optionally correlated in-plane.
+
+    Example:
+        >>> import numpy as np
+        >>> from NoduleDetectionLib.augment import RandomNoise
+        >>> out, _ = RandomNoise(std=(10, 10))(np.zeros((4, 32, 32)), None, np.random.default_rng(0))
+        >>> bool(8 < out.std() < 12)
+        True
+    """
+
+    def __init__(self, std: tuple[float, float] = (0.0, 25.0), correlation_voxels: float = 0.0):
+        self.std, self.correlation = std, correlation_voxels
+
+    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator) -> Pair:
+        sigma = rng.uniform(*self.std)
+        noise = rng.standard_normal(image.shape).astype(np.float32)
+        if self.correlation > 0:
+            noise = ndimage.gaussian_filter(noise, (0.0, self.correlation, self.correlation))
+            noise /= max(float(noise.std()), 1e-6)
+        return image.astype(np.float32) + np.float32(sigma) * noise, label
+
+
+def _box_kernel(width: float) -> np.ndarray:
+    """Normalised 1D box of ``width`` samples (fractional ends), centred on the middle sample."""
+    half = width / 2.0
+    n = int(np.ceil(half - 0.5))
+    x = np.arange(-n, n + 1)
+    w = np.clip(half + 0.5 - np.abs(x), 0.0, 1.0)
+    return w / w.sum()
+
+
+def _sample_axis0(array: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``array`` along axis 0 at fractional ``positions`` (clamped to the ends)."""
+    p = np.clip(positions, 0, array.shape[0] - 1)
+    lo = np.floor(p).astype(int)
+    hi = np.minimum(lo + 1, array.shape[0] - 1)
+    f = (p - lo).astype(np.float32).reshape(-1, *([1] * (array.ndim - 1)))
+    return array[lo] * (1 - f) + array[hi] * f
+
+
+class RandomSliceThickness:
+    """Simulate a thicker reconstruction: average along k over a slice thickness drawn from ``thickness`` (mm),
+    sample slices at that spacing, and interpolate back to the patch grid. The label is unchanged (it is the
+    truth on the patch grid). Thicknesses at or below the patch's k spacing leave the patch as it is.
+
+    Example:
+        >>> import numpy as np
+        >>> from NoduleDetectionLib.augment import RandomSliceThickness
+        >>> image = np.zeros((16, 2, 2), np.float32); image[8] = 100
+        >>> out, _ = RandomSliceThickness((4.0, 4.0), spacing=(1, 1, 1))(image, None, np.random.default_rng(0))
+        >>> bool(out[8, 0, 0] < 100 and out[7, 0, 0] > 0)
+        True
+    """
+
+    def __init__(self, thickness: tuple[float, float] = (0.6, 5.0), spacing: Sequence[float] = (1.0, 1.0, 1.0)):
+        self.thickness = thickness
+        self.dz = float(spacing[2])
+
+    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator) -> Pair:
+        width = rng.uniform(*self.thickness) / self.dz  # in patch slices
+        if width <= 1.0:
+            return image, label
+        thick = ndimage.correlate1d(image.astype(np.float32), _box_kernel(width), axis=0, mode="nearest")
+        start = rng.uniform(0.0, width)
+        centres = np.arange(start - width, image.shape[0] + width, width)
+        slices = _sample_axis0(thick, centres)
+        back = (np.arange(image.shape[0]) - centres[0]) / width
+        return _sample_axis0(slices, back), label
+
+
+class Compose:
+    """Apply transforms in order, each with the same generator.
+
+    Example:
+        >>> import numpy as np
+        >>> from NoduleDetectionLib.augment import Compose, RandomFlip, RandomRot90
+        >>> t = Compose([RandomFlip(), RandomRot90()])
+        >>> a = t(np.arange(27.0).reshape(3, 3, 3), None, np.random.default_rng(5))[0]
+        >>> b = t(np.arange(27.0).reshape(3, 3, 3), None, np.random.default_rng(5))[0]
+        >>> bool((a == b).all())
+        True
+    """
+
+    def __init__(self, transforms: Sequence):
+        self.transforms = list(transforms)
+
+    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator) -> Pair:
+        for t in self.transforms:
+            image, label = t(image, label, rng)
+        return image, label

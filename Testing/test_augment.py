@@ -1,0 +1,129 @@
+"""Augmentations: image and label stay aligned, exact inverses, determinism, thick-slice blur."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+from NoduleDetectionLib import augment
+from NoduleDetectionLib.augment import (
+    Compose,
+    RandomAffine,
+    RandomFlip,
+    RandomIntensity,
+    RandomNoise,
+    RandomRot90,
+    RandomSliceThickness,
+    flip,
+    rot90_axial,
+)
+from scipy import ndimage
+
+SPACING = (0.8, 0.8, 1.5)  # x, y, z mm
+
+
+def _sphere_patch(center_kji=(10.0, 14.0, 22.0), radius_mm=4.0, shape=(24, 32, 40)):
+    """A solid sphere (+40 HU) in lung (-850 HU) on an anisotropic grid, with its label."""
+    sp = np.asarray(SPACING[::-1])
+    zz, yy, xx = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip((zz, yy, xx), center_kji, sp))
+    label = (d2 <= radius_mm**2).astype(np.uint8)
+    image = np.where(label > 0, 40.0, -850.0).astype(np.float32)
+    return image, label
+
+
+def _centroid(weights: np.ndarray) -> np.ndarray:
+    return np.array(ndimage.center_of_mass(weights))
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(augment).failed == 0
+
+
+def test_flip_and_rot90_are_exact_inverses():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 6, 7))
+    for axes in ([0], [1, 2], [0, 1, 2]):
+        assert np.array_equal(flip(flip(a, axes), axes), a)
+    for k in range(4):
+        assert np.array_equal(rot90_axial(rot90_axial(a, k), -k), a)
+    assert not np.array_equal(rot90_axial(a[:, :6, :6], 1), a[:, :6, :6])
+    # the random transforms applied twice with the same draws undo themselves
+    out, lab = RandomFlip(p=0.5)(a, a > 0, np.random.default_rng(3))
+    back, back_lab = RandomFlip(p=0.5)(out, lab, np.random.default_rng(3))
+    assert np.array_equal(back, a) and np.array_equal(back_lab, a > 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_geometric_transforms_keep_label_on_image(seed):
+    image, label = _sphere_patch()
+    for t in (RandomFlip(), RandomRot90(), RandomAffine(spacing=SPACING)):
+        out, lab = t(image, label, np.random.default_rng(seed))
+        assert out.shape[0] == image.shape[0] and lab.dtype == label.dtype
+        bright = out > -400
+        assert np.allclose(_centroid(bright), _centroid(lab > 0), atol=0.6)
+        assert (bright == (lab > 0)).mean() > 0.98
+
+
+def test_affine_moves_sphere_centroid_consistently():
+    image, label = _sphere_patch(center_kji=(12.0, 16.0, 20.0))
+    rng = np.random.default_rng(1)
+    out, lab = RandomAffine(degrees=0.0, scales=(1.2, 1.2), spacing=SPACING)(image, label, rng)
+    centre = (np.asarray(image.shape) - 1) / 2
+    before = _centroid(label)
+    expected = centre + 1.2 * (before - centre)  # scaling about the patch centre
+    assert np.allclose(_centroid(lab), expected, atol=0.3)
+    assert np.allclose(_centroid(out > -400), expected, atol=0.3)
+    volume_ratio = lab.sum() / label.sum()
+    assert volume_ratio == pytest.approx(1.2**3, rel=0.1)
+
+
+def test_affine_rotation_is_in_mm():
+    # a sphere in mm stays a sphere of the same volume under rotation, even on anisotropic voxels
+    image, label = _sphere_patch(center_kji=(11.5, 15.5, 19.5), radius_mm=5.0)
+    out, lab = RandomAffine(degrees=15.0, scales=(1.0, 1.0), spacing=SPACING)(image, label, np.random.default_rng(2))
+    assert lab.sum() == pytest.approx(label.sum(), rel=0.06)
+    assert np.allclose(_centroid(lab), _centroid(label), atol=0.3)
+
+
+def test_intensity_and_noise_leave_label_alone():
+    image, label = _sphere_patch()
+    t = Compose([RandomIntensity(scale=(0.9, 1.1), offset=(-20, 20)), RandomNoise(std=(10, 10))])
+    out, lab = t(image, label, np.random.default_rng(0))
+    assert lab is label
+    background = out[:, :, :10]  # far from the sphere: constant -850 HU before
+    assert abs(background.mean() + 850) < 0.1 * 850 + 20
+    assert 8 < background.std() < 12
+
+
+def test_compose_is_deterministic():
+    image, label = _sphere_patch()
+    t = Compose([RandomFlip(), RandomRot90(), RandomAffine(spacing=SPACING), RandomIntensity(), RandomNoise(),
+                 RandomSliceThickness(spacing=SPACING)])
+    a = t(image, label, np.random.default_rng(42))
+    b = t(image, label, np.random.default_rng(42))
+    c = t(image, label, np.random.default_rng(43))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_slice_thickness_reduces_z_resolution():
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((40, 8, 8)).astype(np.float32) * 100
+    image[20] += 1000.0  # a thin plate
+    out, _ = RandomSliceThickness(thickness=(5.0, 5.0), spacing=(0.7, 0.7, 1.0))(image, None, rng)
+    profile = out[:, 4, 4]
+    assert profile[20] < 500  # the plate is spread over ~5 slices
+    assert (profile > 100).sum() >= 3
+    # high z frequencies are gone: neighbouring slices are much more alike than before
+    assert np.abs(np.diff(out, axis=0)).mean() < 0.5 * np.abs(np.diff(image, axis=0)).mean()
+    # in-plane content is untouched by the z blur's own geometry: mean is preserved
+    assert out.mean() == pytest.approx(image.mean(), abs=15)
+
+
+def test_thin_slice_request_is_identity():
+    image = np.random.default_rng(0).standard_normal((10, 4, 4)).astype(np.float32)
+    out, _ = RandomSliceThickness(thickness=(0.6, 1.0), spacing=(0.7, 0.7, 1.25))(image, None,
+                                                                                   np.random.default_rng(0))
+    assert np.array_equal(out, image)
