@@ -17,3 +17,36 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "annotations.csv").exists():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+TINY_SETTINGS = dict(stage1_steps=100, stage2_steps=60)
+
+
+def train_tiny_model(path: Path, seed: int = 0) -> Path:
+    """Train a tiny two-stage model on synthetic phantoms (about a minute on 2 cores) and save it.
+
+    The same training and model-file code as the shipped model, only smaller networks, a coarser working
+    grid and far fewer steps.
+    """
+    from NoduleDetectionLib.models import ModelConfig, Stage1Config, Stage2Config
+    from NoduleDetectionLib.train import StageSchedule, TrainSettings, phantom_cases, train_model
+
+    config = ModelConfig(
+        stage1=Stage1Config(spacing_mm=2.0, channels=(8, 16, 32), tile=64),
+        stage2=Stage2Config(patch=16, scales_mm=(1.5, 3.0), channels=(8, 16, 32)),
+        card={"name": "tiny phantom test model", "data": "synthetic phantoms only"},
+    )
+    settings = TrainSettings(
+        stage1=StageSchedule(steps=TINY_SETTINGS["stage1_steps"], batch=4, lr=1e-2),
+        stage2=StageSchedule(steps=TINY_SETTINGS["stage2_steps"], batch=16, lr=3e-3),
+        patch1=32,
+        seed=seed,
+    )
+    model = train_model(phantom_cases(3, seed=1), config, settings)
+    return model.save(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """Path of a tiny model trained on phantoms once per test session."""
+    return train_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")

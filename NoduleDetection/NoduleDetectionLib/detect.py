@@ -1,0 +1,321 @@
+"""The chained detector: CT volume → nodules (LPS mm) and a label map on the input grid.
+
+``Detector.detect`` is the one code path used by the command line, the Slicer logic, the evaluation
+and the benchmark:
+
+1. lung mask, crop to the lungs, resample to the working spacing (``preprocess.prepare``);
+2. stage 1, the U-net, gives a nodule probability map (tiled, so memory stays bounded);
+3. candidates are the connected regions of that map above ``candidate_threshold``;
+4. stage 2, the multi-scale 3D CNN, scores a fine and a coarse patch around each candidate;
+5. the kept nodules are outlined on the input grid (stage 1 probability ≥ 0.5 inside the candidate's
+   region), measured there (volume, equivalent-sphere diameter) and numbered by falling probability.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .errors import NoduleDetectionError
+from .geometry import Geometry
+from .io import validate_ct
+from .models import ModelConfig, NoduleModel, shipped_model_path
+from .preprocess import normalize_hu, prepare, sample_patches
+from .volume import CTVolume
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, float], None]
+CancelCallback = Callable[[], bool]
+
+
+class Cancelled(NoduleDetectionError):
+    """The run was cancelled by the caller; nothing was produced."""
+
+
+@dataclass
+class Nodule:
+    """One detected finding.
+
+    Attributes:
+        label: its value in the label map (1..N, N = number of findings).
+        center_lps: centre in world LPS mm ``(x, y, z)``.
+        diameter_mm: equivalent-sphere diameter of its outline in mm.
+        volume_mm3: volume of its outline in mm³.
+        probability: stage 2 probability that it is a nodule (0..1).
+        kind: ``"nodule"``, or ``"mass"`` when larger than the model's mass diameter (30 mm).
+    """
+
+    label: int
+    center_lps: tuple[float, float, float]
+    diameter_mm: float
+    volume_mm3: float
+    probability: float
+    kind: str = "nodule"
+
+
+@dataclass
+class DetectionResult:
+    """What the detector found in one scan.
+
+    Attributes:
+        nodules: findings sorted by falling probability; ``nodules[n].label == n + 1``.
+        label_map: ``uint16 [k, j, i]`` on the input grid; voxel value = nodule label, 0 = background.
+        geometry: the input grid's geometry (LPS).
+        name: scan name used for output files.
+        series_uid: LUNA16 seriesuid of the scan.
+        threshold: probability threshold that was applied.
+        timings: seconds spent per stage.
+        warnings: notes on the input (e.g. partial lung field).
+        model_info: model name, format and card facts.
+    """
+
+    nodules: list[Nodule]
+    label_map: np.ndarray
+    geometry: Geometry
+    name: str
+    series_uid: str
+    threshold: float
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    model_info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Candidate:
+    """A stage 1 proposal: region id on the working grid, centre (LPS mm), size and stage 1 score."""
+
+    region: int
+    center_lps: np.ndarray
+    diameter_mm: float
+    score: float
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NoduleDetectionError("--device cuda was asked for, but no CUDA GPU is available to PyTorch")
+    if device not in ("cpu", "cuda"):
+        raise NoduleDetectionError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    if n <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, n - tile, step))
+    return starts + [n - tile]
+
+
+class Detector:
+    """Two-stage lung nodule detector.
+
+    Example:
+        >>> from NoduleDetectionLib.io import read_ct           # doctest: +SKIP
+        >>> detector = Detector.load()                           # doctest: +SKIP
+        >>> result = detector.detect(read_ct("scan.nrrd"))       # doctest: +SKIP
+        >>> [(n.center_lps, n.probability) for n in result.nodules]  # doctest: +SKIP
+    """
+
+    def __init__(self, model: NoduleModel, device: str = "auto", name: str = "model") -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.device = resolve_device(device)
+        self.name = name
+        self.model.stage1.eval().to(self.device)
+        self.model.stage2.eval().to(self.device)
+        if self.device.type == "cpu":
+            self.model.stage1.to(memory_format=torch.channels_last_3d)
+            self.model.stage2.to(memory_format=torch.channels_last_3d)
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, device: str = "auto") -> Detector:
+        """Load a model file (``None``: the shipped model) onto ``device`` (auto, cpu or cuda)."""
+        path = shipped_model_path() if path is None else path
+        return cls(NoduleModel.load(path), device=device, name=os.path.basename(str(path)))
+
+    @property
+    def threshold(self) -> float:
+        """The model's default reporting threshold."""
+        return self.config.threshold
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cpu", enabled=False)
+
+    def probability_map(self, image: np.ndarray, progress: ProgressCallback | None = None,
+                        cancel: CancelCallback | None = None) -> np.ndarray:
+        """Stage 1 on a normalised working-grid image ``[k, j, i]`` → probability ``float32 [k, j, i]``.
+
+        Runs in overlapping cubic tiles of ``Stage1Config.tile`` voxels, averaged where they overlap.
+        """
+        div = self.model.stage1.divisor
+        tile = self.config.stage1.tile
+        pads = [(0, max(tile, -(-n // div) * div) - n if n < tile else (-n) % div) for n in image.shape]
+        padded = np.pad(image, pads, mode="constant", constant_values=0.0)
+        acc = np.zeros(padded.shape, np.float32)
+        cnt = np.zeros(padded.shape, np.float32)
+        starts = [_tile_starts(n, tile, tile // 4) for n in padded.shape]
+        boxes = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+        fmt = torch.channels_last_3d if self.device.type == "cpu" else torch.contiguous_format
+        with torch.inference_mode(), self._autocast():
+            for n, (z, y, x) in enumerate(boxes):
+                if cancel is not None and cancel():
+                    raise Cancelled("detection cancelled")
+                sl = (slice(z, z + tile), slice(y, y + tile), slice(x, x + tile))
+                t = torch.from_numpy(np.ascontiguousarray(padded[sl]))[None, None].to(self.device)
+                logits = self.model.stage1(t.to(memory_format=fmt))
+                acc[sl] += torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+                cnt[sl] += 1.0
+                if progress:
+                    progress("stage 1 (U-net)", (n + 1) / len(boxes))
+        prob = acc / np.maximum(cnt, 1.0)
+        return prob[: image.shape[0], : image.shape[1], : image.shape[2]]
+
+    def candidates(self, prob: np.ndarray, lung: np.ndarray, geometry: Geometry) -> tuple[list[Candidate], np.ndarray]:
+        """Connected regions of ``prob`` above the candidate threshold inside the lung mask.
+
+        Returns the candidates (highest stage 1 score first, at most ``max_candidates``) and the region
+        map ``int32 [k, j, i]`` on the working grid.
+        """
+        cfg = self.config.stage1
+        regions, n = ndimage.label((prob >= cfg.candidate_threshold) & lung)
+        if n == 0:
+            return [], regions
+        index = np.arange(1, n + 1)
+        score = ndimage.maximum(prob, regions, index)
+        centres_kji = np.array(ndimage.center_of_mass(prob, regions, index)).reshape(-1, 3)
+        core = ndimage.sum_labels(prob >= 0.5, regions, index)
+        size = ndimage.sum_labels(np.ones_like(prob, dtype=bool), regions, index)
+        voxel_mm3 = float(np.prod(geometry.spacing))
+        vox = np.where(core > 0, core, size) * voxel_mm3
+        diam = np.maximum((6.0 * vox / np.pi) ** (1.0 / 3.0), min(geometry.spacing))
+        centres_lps = geometry.index_to_lps(centres_kji[:, ::-1])
+        order = np.argsort(-score, kind="stable")[: cfg.max_candidates]
+        cands = [Candidate(int(index[o]), centres_lps[o], float(diam[o]), float(score[o])) for o in order]
+        return cands, regions
+
+    def classify(self, volume: CTVolume, centers_lps: np.ndarray, batch: int = 64) -> np.ndarray:
+        """Stage 2 probabilities for candidate centres ``(N, 3)`` LPS mm, from the input HU volume."""
+        cfg = self.config.stage2
+        if len(centers_lps) == 0:
+            return np.zeros(0, np.float32)
+        scales = [
+            normalize_hu(sample_patches(volume.array, volume.geometry, centers_lps, cfg.patch, s),
+                         *self.config.hu_window)
+            for s in cfg.scales_mm
+        ]
+        patches = np.stack(scales, axis=1)
+        out = []
+        fmt = torch.channels_last_3d if self.device.type == "cpu" else torch.contiguous_format
+        with torch.inference_mode(), self._autocast():
+            for b in range(0, len(patches), batch):
+                t = torch.from_numpy(patches[b : b + batch]).to(self.device).to(memory_format=fmt)
+                out.append(torch.sigmoid(self.model.stage2(t).float()).cpu().numpy())
+        return np.concatenate(out)
+
+    def detect(self, volume: CTVolume, threshold: float | None = None,
+               progress: ProgressCallback | None = None, cancel: CancelCallback | None = None) -> DetectionResult:
+        """Find nodules in ``volume``.
+
+        Args:
+            volume: CT in HU with its LPS geometry.
+            threshold: report findings with stage 2 probability ≥ this (default: the model's threshold).
+            progress: called with ``(stage name, fraction done)``.
+            cancel: polled between steps; returning true raises ``Cancelled``.
+
+        Returns:
+            ``DetectionResult`` with nodules in LPS mm and a label map on the input grid.
+        """
+        threshold = self.threshold if threshold is None else float(threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise NoduleDetectionError(f"threshold must be between 0 and 1, got {threshold}")
+        timings: dict[str, float] = {}
+
+        def step(name: str, fraction: float) -> None:
+            if cancel is not None and cancel():
+                raise Cancelled("detection cancelled")
+            if progress:
+                progress(name, fraction)
+
+        t0 = time.perf_counter()
+        step("preprocess", 0.0)
+        input_warnings = validate_ct(volume)
+        prep = prepare(volume, self.config.stage1.spacing_mm, self.config.hu_window)
+        timings["preprocess"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        prob = self.probability_map(prep.image, progress, cancel)
+        cands, regions = self.candidates(prob, prep.lung, prep.geometry)
+        timings["stage1"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        step("stage 2 (3D CNN)", 0.0)
+        centres = np.array([c.center_lps for c in cands]).reshape(-1, 3)
+        p2 = self.classify(volume, centres)
+        timings["stage2"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        step("outlining nodules", 0.0)
+        kept = [(c, float(p)) for c, p in zip(cands, p2) if p >= threshold]
+        kept.sort(key=lambda cp: (-cp[1], -cp[0].score))
+        nodules, label_map = self._outline(volume, prep, prob, regions, kept)
+        timings["postprocess"] = time.perf_counter() - t0
+        step("done", 1.0)
+        return DetectionResult(
+            nodules=nodules, label_map=label_map, geometry=volume.geometry, name=volume.name,
+            series_uid=volume.series_uid, threshold=threshold, timings=timings,
+            warnings=input_warnings + list(prep.lungs.warnings),
+            model_info={"name": self.name, "device": str(self.device), "card": self.config.card},
+        )
+
+    def _outline(self, volume: CTVolume, prep, prob: np.ndarray, regions: np.ndarray,
+                 kept: list[tuple[Candidate, float]]) -> tuple[list[Nodule], np.ndarray]:
+        """Bring kept regions to the input grid, measure them there, and number them 1..N."""
+        label_map = np.zeros(volume.array.shape, np.uint16)
+        if not kept:
+            return [], label_map
+        lut = np.zeros(regions.max() + 1, np.uint16)
+        for n, (c, _) in enumerate(kept, start=1):
+            lut[c.region] = n
+        crop_shape = tuple(s.stop - s.start for s in prep.crop)
+        lab_t = torch.from_numpy(lut[regions].astype(np.int32))[None, None].float()
+        lab_up = F.interpolate(lab_t, size=crop_shape, mode="nearest-exact")[0, 0].numpy().astype(np.uint16)
+        prob_up = F.interpolate(torch.from_numpy(prob)[None, None], size=crop_shape, mode="trilinear",
+                                align_corners=False)[0, 0].numpy()
+        label_map[prep.crop] = np.where(prob_up >= 0.5, lab_up, 0)
+        voxel_mm3 = volume.voxel_volume_mm3
+        index = np.arange(1, len(kept) + 1)
+        counts = ndimage.sum_labels(label_map > 0, label_map, index)
+        with np.errstate(invalid="ignore", divide="ignore"):  # empty labels give NaN, handled below
+            centroids = ndimage.center_of_mass(label_map > 0, label_map, index)
+        nodules = []
+        for n, ((cand, p), count, com) in enumerate(zip(kept, counts, centroids), start=1):
+            if count == 0:
+                # Too small to survive the outline threshold: mark the voxel at its centre.
+                i, j, k = np.clip(np.round(volume.geometry.lps_to_index(cand.center_lps)).astype(int), 0,
+                                  np.array(volume.shape_ijk) - 1)
+                if label_map[k, j, i] == 0:
+                    label_map[k, j, i] = n
+                    count = 1
+                centre = np.asarray(cand.center_lps)
+            else:
+                centre = volume.geometry.index_to_lps(np.asarray(com)[::-1])
+            vol = float(count) * voxel_mm3
+            diameter = float((6.0 * vol / np.pi) ** (1.0 / 3.0))
+            kind = "mass" if diameter > self.config.mass_diameter_mm else "nodule"
+            nodules.append(Nodule(n, tuple(float(v) for v in centre), diameter, vol, p, kind))
+        return nodules, label_map

@@ -1,0 +1,84 @@
+"""File-to-file detection: read a CT, run the detector, write every output. What ``detect`` runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .detect import Detector
+from .errors import OutputError
+from .io import read_ct
+from .writers import output_paths, write_outputs
+
+log = logging.getLogger(__name__)
+
+
+class TqdmProgress:
+    """A ``progress(stage, fraction)`` callback that draws one tqdm bar per stage on stderr."""
+
+    def __init__(self, disable: bool = False) -> None:
+        self.disable = disable
+        self.bar: tqdm | None = None
+        self.stage = ""
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=100, desc=stage, unit="%", leave=False, disable=self.disable)
+        if self.bar is not None:
+            self.bar.n = int(round(100 * fraction))
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def detect_to_files(
+    input_path: str | os.PathLike,
+    outdir: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    threshold: float | None = None,
+    device: str = "auto",
+    series_uid: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = False,
+    detector: Detector | None = None,
+) -> dict[str, Path]:
+    """Detect nodules in one CT and write ``<name>.mrk.json``, ``.seg.nrrd``, ``.csv``, ``.json``, ``_nodules.png``.
+
+    Args:
+        input_path: DICOM folder or image file.
+        outdir: output folder (created).
+        model: model file (``None``: the shipped model); ignored when ``detector`` is given.
+        threshold: reporting threshold (default: the model's).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        series_uid: the series to read when a DICOM folder holds several.
+        overwrite: replace existing outputs; otherwise an existing output is an error, checked before
+            any work is done.
+        show_progress: draw tqdm progress bars on stderr.
+        detector: an already loaded detector (cohorts load the model once).
+
+    Returns:
+        Output kind → path.
+    """
+    volume = read_ct(input_path, series_uid=series_uid)
+    if not overwrite:
+        for path in output_paths(outdir, volume.name).values():
+            if path.exists():
+                raise OutputError(f"{path} already exists; use --overwrite to replace it")
+    detector = detector or Detector.load(model, device=device)
+    progress = TqdmProgress(disable=not show_progress)
+    try:
+        result = detector.detect(volume, threshold=threshold, progress=progress)
+    finally:
+        progress.close()
+    for warning in result.warnings:
+        log.warning("%s: %s", volume.name, warning)
+    log.info("%s: %d finding(s) at probability >= %.2f", volume.name, len(result.nodules), result.threshold)
+    return write_outputs(result, volume, outdir, overwrite=overwrite)

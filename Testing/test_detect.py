@@ -1,0 +1,70 @@
+"""The chained detector, end to end on phantoms with a tiny model trained in the session."""
+
+import numpy as np
+import pytest
+from NoduleDetectionLib.detect import Cancelled, Detector
+from NoduleDetectionLib.errors import NoduleDetectionError
+from NoduleDetectionLib.synthetic import make_phantom
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_model_path):
+    return Detector.load(tiny_model_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    # seed 7 is never used for training (training uses the generator seeded 1)
+    return make_phantom(np.random.default_rng(7), n_nodules=3, diameters_mm=(8.0, 14.0),
+                        direction=np.diag([-1.0, -1.0, 1.0]), name="held-out")
+
+
+def test_detects_spheres_in_held_out_phantom(detector, phantom):
+    result = detector.detect(phantom.volume, threshold=0.5)
+    assert phantom.nodules
+    found = 0
+    for centre, diameter in phantom.nodules:
+        dists = [np.linalg.norm(np.subtract(n.center_lps, centre)) for n in result.nodules]
+        if dists and min(dists) < diameter / 2:
+            found += 1
+    assert found >= len(phantom.nodules) - 1, (phantom.nodules, result.nodules)
+    assert len(result.nodules) <= len(phantom.nodules) + 2  # few false positives on vessels
+
+
+def test_result_structure(detector, phantom):
+    result = detector.detect(phantom.volume, threshold=0.05)
+    assert result.label_map.shape == phantom.volume.array.shape
+    assert result.geometry == phantom.volume.geometry
+    labels = set(np.unique(result.label_map)) - {0}
+    assert labels == {n.label for n in result.nodules} == set(range(1, len(result.nodules) + 1))
+    probs = [n.probability for n in result.nodules]
+    assert probs == sorted(probs, reverse=True)
+    for n in result.nodules:
+        count = int((result.label_map == n.label).sum())
+        assert n.volume_mm3 == pytest.approx(count * phantom.volume.voxel_volume_mm3)
+        assert n.diameter_mm == pytest.approx((6 * n.volume_mm3 / np.pi) ** (1 / 3))
+        assert n.kind == ("mass" if n.diameter_mm > 30 else "nodule")
+    assert set(result.timings) == {"preprocess", "stage1", "stage2", "postprocess"}
+
+
+def test_same_input_same_output(detector, phantom):
+    a = detector.detect(phantom.volume, threshold=0.05)
+    b = detector.detect(phantom.volume, threshold=0.05)
+    assert a.nodules == b.nodules
+    assert np.array_equal(a.label_map, b.label_map)
+
+
+def test_cancel_and_progress(detector, phantom):
+    seen = []
+    detector.detect(phantom.volume, progress=lambda stage, f: seen.append((stage, f)))
+    assert seen[0][0] == "preprocess" and seen[-1] == ("done", 1.0)
+    assert any(stage.startswith("stage 1") for stage, _ in seen)
+    with pytest.raises(Cancelled):
+        detector.detect(phantom.volume, cancel=lambda: True)
+
+
+def test_bad_threshold_and_device(detector, phantom):
+    with pytest.raises(NoduleDetectionError, match="between 0 and 1"):
+        detector.detect(phantom.volume, threshold=1.5)
+    with pytest.raises(NoduleDetectionError, match="unknown device"):
+        Detector(detector.model, device="tpu")
