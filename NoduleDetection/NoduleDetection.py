@@ -39,7 +39,8 @@ from slicer.util import VTKObservationMixin
 PIP_REQUIREMENTS = {"scipy": "scipy>=1.10", "skimage": "scikit-image>=0.21", "safetensors": "safetensors>=0.4"}
 MINIMUM_TORCH_VERSION = "2.0"
 
-#: QSettings key listing model files that the user added or that the NoduleDetectionTraining module produced.
+#: QSettings key listing model files that the user added (models trained with the NoduleDetectionTraining
+#: module are listed from the models folder, ``NoduleDetectionLib.registry``).
 MODELS_SETTINGS_KEY = "NoduleDetection/Models"
 
 #: Columns of the panel's results table: (table node column, header, format).
@@ -147,6 +148,7 @@ class NoduleDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self):
+        self._populateModels()  # a model trained meanwhile (NoduleDetectionTraining) appears
         self.initializeParameterNode()
 
     def exit(self):
@@ -424,16 +426,22 @@ class NoduleDetectionLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def availableModels():
-        """``[(title, path)]``: the shipped model (path ``""``) and the registered model files that exist."""
+        """``[(title, path)]``: the shipped model (path ``""``), the trained models of the per-user models folder
+        (``NoduleDetectionLib.registry``: title = model name) and the other added model files that exist."""
+        from NoduleDetectionLib import registry
+
+        trained = [(entry.name, str(entry.path)) for entry in registry.list_models()]
         paths = slicer.app.userSettings().value(MODELS_SETTINGS_KEY) or []
         paths = [paths] if isinstance(paths, str) else list(paths)
-        return [("Shipped model", "")] + [(os.path.basename(p), p) for p in paths if os.path.isfile(p)]
+        added = [(os.path.basename(p), p) for p in paths if os.path.isfile(p) and p not in dict(trained).values()]
+        return [("Shipped model", "")] + trained + added
 
     @staticmethod
     def registerModel(path):
         """Offer the model file ``path`` in the panel's model list (kept in Slicer's settings).
 
-        The NoduleDetectionTraining module calls this for each model it writes.
+        Models trained with the NoduleDetectionTraining module need no call: they are listed from the models
+        folder.
         """
         if not path:
             return

@@ -41,6 +41,8 @@ from NoduleDetectionLib.registry import TRAIN_LOG_FILE, read_log_records
 DEVICES = ("auto", "cpu", "cuda")
 #: Console output file of a run, next to its output folder: ``<OUTDIR>.console.txt``.
 CONSOLE_SUFFIX = ".console.txt"
+#: Seconds a Stop waits for the child to end by itself before killing it.
+STOP_TIMEOUT_S = 30.0
 
 
 def python_executable() -> str:
@@ -180,19 +182,29 @@ class TrainingProcess:
         except subprocess.TimeoutExpired:
             return None
 
-    def stop(self, timeout: float = 30.0) -> Optional[int]:
-        """End the child: interrupt (SIGINT; Windows: terminate), wait up to ``timeout`` s, then kill.
+    def interrupt(self) -> None:
+        """Ask the child to end, without waiting: SIGINT (Windows: terminate). A GUI calls this, then
+        ``kill()`` from its timer if the child is still running ``STOP_TIMEOUT_S`` later."""
+        if self.running:
+            self.stop_requested = True
+            if sys.platform.startswith("win"):
+                self._popen.terminate()
+            else:
+                self._popen.send_signal(signal.SIGINT)
 
-        Returns its exit status. The training's last checkpoint stays in OUTDIR for ``resume``.
-        """
-        if not self.running:
-            return self.returncode
-        self.stop_requested = True
-        if sys.platform.startswith("win"):
-            self._popen.terminate()
-        else:
-            self._popen.send_signal(signal.SIGINT)
-        if self.wait(timeout) is None:
+    def kill(self) -> None:
+        """End the child at once (SIGKILL; the training cannot save anything more)."""
+        if self.running:
             self._popen.kill()
             self._popen.wait()
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> Optional[int]:
+        """End the child and wait: ``interrupt()``, up to ``timeout`` s, then ``kill()``.
+
+        Returns its exit status (130 after a clean interruption). The training's last checkpoint stays in
+        OUTDIR for ``resume``.
+        """
+        self.interrupt()
+        if self.wait(timeout) is None:
+            self.kill()
         return self.returncode
