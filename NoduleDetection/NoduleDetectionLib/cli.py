@@ -127,6 +127,43 @@ def _run_evaluate_detector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_make_lesion_dataset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-lesion-dataset",
+        help="insert synthetic lesions into copies of host scans (a validation set)",
+        description=(
+            "Insert LESIONS synthetic lesions (LUNA16-like mix: 3-30 mm, mostly under 10 mm; solid, part-solid, "
+            "ground-glass; free, juxtavascular, juxtapleural) into copies of the host scans of SOURCE (LUNA16 "
+            "or shared layout), at most PER_COPY per copy, and write a shared-layout data set into OUTDIR: "
+            "ct/<host>-ins<seed>-<copy>.nrrd, annotations.csv (inserted lesions as nodule rows with texture, "
+            "shape, position; the hosts' findings carried over), lesions.json and README.md. Deterministic for "
+            "a seed; training configs use insertion seeds below 1000, so validation sets use 1000 and up."
+        ),
+    )
+    p.add_argument("source", metavar="SOURCE", help="data set folder holding the host scans")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
+    p.add_argument("--scans", nargs="+", default=None, metavar="SCAN",
+                   help="host scans: seriesuids or ct/ entry names (default: every scan of SOURCE)")
+    p.add_argument("--lesions", type=int, default=300, help="lesions to insert in all (default 300)")
+    p.add_argument("--per-copy", type=int, default=25, help="at most this many lesions per copy (default 25)")
+    p.add_argument("--seed", type=int, default=1000, help="seed of lesions and placements (default 1000)")
+    p.add_argument("--keep-real-nodules", action="store_true",
+                   help="keep the hosts' real nodules as nodule rows (default: they become excluded rows)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing data set in OUTDIR")
+    p.set_defaults(func=_run_make_lesion_dataset)
+
+
+def _run_make_lesion_dataset(args: argparse.Namespace) -> int:
+    from .lesion_dataset import make_lesion_dataset
+
+    paths = make_lesion_dataset(
+        args.source, args.output, scans=args.scans, lesions=args.lesions, per_copy=args.per_copy, seed=args.seed,
+        keep_real_nodules=args.keep_real_nodules, overwrite=args.overwrite,
+    )
+    print(paths["readme"].read_text(), end="")
+    return 0
+
+
 def _add_bootstrap_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="scan-level bootstrap samples for the 95%% intervals (default 1000; 0: none)")
@@ -134,7 +171,7 @@ def _add_bootstrap_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
-COMMANDS = [_add_detect, _add_evaluate, _add_evaluate_detector]
+COMMANDS = [_add_detect, _add_evaluate, _add_evaluate_detector, _add_make_lesion_dataset]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,12 +41,15 @@ class Finding:
         center_lps: centre ``(x, y, z)`` in world LPS mm.
         diameter_mm: diameter in mm; -1 (any negative value) where none is known.
         status: ``"nodule"``, ``"excluded"`` or ``"mass"``.
+        attributes: the table's further columns (``scan``, ``source``, ``texture``, ``shape``, ``position``
+            ...) as stripped text; left out of the hash.
     """
 
     seriesuid: str
     center_lps: tuple[float, float, float]
     diameter_mm: float
     status: str
+    attributes: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass
@@ -72,6 +75,11 @@ class ScanEntry:
     def name(self) -> str:
         """The entry's file or folder name (``LIDC-IDRI-0003.nrrd``, ``<uid>.mhd``)."""
         return self.path.name
+
+    @property
+    def stem(self) -> str:
+        """The entry's name without its image extension (``LIDC-IDRI-0003``, ``<uid>``)."""
+        return _without_suffix(self.path.name)
 
 
 @dataclass
@@ -125,10 +133,12 @@ def read_findings(path: str | os.PathLike, status: str | None = None) -> list[Fi
     Columns: ``seriesuid,coordX,coordY,coordZ,diameter_mm`` and, in the shared layout, ``status``. A
     table without ``status`` takes ``status`` (``"nodule"`` for LUNA16's annotations.csv, ``"excluded"``
     for annotations_excluded.csv); a table with it keeps its own. Raises ``InputError`` for a missing
-    file or column, a non-numeric value or an unknown status.
+    file or column, a non-numeric value or an unknown status. Further columns go into ``attributes``.
     """
     path = Path(path)
-    rows, columns = read_table(path, ("seriesuid", *_COORD_COLUMNS, "diameter_mm"))
+    standard = ("seriesuid", *_COORD_COLUMNS, "diameter_mm")
+    rows, columns = read_table(path, standard)
+    extra = [c for c in columns if c not in (*standard, "status")]
     has_status = "status" in columns
     if not has_status and status is None:
         raise InputError(f"{path}: no 'status' column; say whether its rows are nodules or excluded findings")
@@ -142,6 +152,7 @@ def read_findings(path: str | os.PathLike, status: str | None = None) -> list[Fi
             center_lps=tuple(number(row, c, path, line) for c in _COORD_COLUMNS),
             diameter_mm=number(row, "diameter_mm", path, line),
             status=kind,
+            attributes={c: row[c].strip() for c in extra},
         ))
     return findings
 

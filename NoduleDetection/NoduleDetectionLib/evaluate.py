@@ -17,6 +17,10 @@ anew here with numpy only:
   operations ``fpr * (candidates - detected) / scans`` and ``tpr * detected / nodules`` (see ``_scaled``).
 * **Operating points**: sensitivity at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP/scan by linear interpolation of
   that curve (``numpy.interp``); CPM = their mean.
+* **Groups**: per size class and, where the annotation table has ``texture``, ``position`` or ``shape``
+  columns (inserted lesions), per value of each: nodules, how many any candidate hit (``sensitivity``: the
+  fraction at the lowest threshold), and the group's own FROC read off the same FP/scan axis: all false
+  positives of all scans against the group's nodules only (``sensitivity_at_1fp`` at 1 FP/scan, ``cpm``).
 * **Confidence intervals**: bootstrap over scans (sample the listed scans with replacement, the FP
   divisor stays the number of listed scans), each sample's curve interpolated the same way; bounds =
   the sorted samples at ``floor(0.025 n)`` and ``floor(0.975 n)`` (the script's ``compute_mean_ci``).
@@ -35,7 +39,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +57,8 @@ DEFAULT_DIAMETER_MM = 10.0
 #: Nodule size classes (mm, lower bound included): name, lower, upper.
 SIZE_BINS = (("<3", 0.0, 3.0), ("3-6", 3.0, 6.0), ("6-10", 6.0, 10.0), ("10-20", 10.0, 20.0),
              ("20-30", 20.0, 30.0), (">30", 30.0, math.inf))
+#: Annotation columns (``Finding.attributes``) by whose values sensitivity is also reported.
+GROUP_COLUMNS = ("texture", "position", "shape")
 _BOOTSTRAP_CHUNK = 64
 
 
@@ -169,7 +175,9 @@ class FROCResult:
             },
             "max_sensitivity": n_detected / len(m.nodules),
             "fps_at_max_sensitivity": float(self.curve.fps[-1]),
-            "sensitivity_by_size": sensitivity_by_size(m.nodules),
+            "sensitivity_by_size": sensitivity_by_size(m.nodules, m),
+            **{f"sensitivity_by_{c}": sensitivity_by_attribute(m, c) for c in GROUP_COLUMNS
+               if any(s.finding.attributes.get(c) for s in m.nodules)},
             "missed_nodules": [_finding_dict(s) for s in m.nodules if not s.detected],
             "masses": [_finding_dict(s) | {"detected": s.detected, "probability": s.probability}
                        for s in m.masses],
@@ -360,18 +368,39 @@ def evaluate(findings: Sequence[Finding], candidates: Sequence[Candidate], scans
                       cpm=float(sens.mean()), ci95=ci95, band=band, n_bootstrap=n_bootstrap, seed=seed)
 
 
-def sensitivity_by_size(scores: Sequence[FindingScore]) -> list[dict]:
+def sensitivity_by_size(scores: Sequence[FindingScore], matching: Matching | None = None) -> list[dict]:
     """Per size class (``SIZE_BINS``): nodules, how many any candidate hit, and that fraction (``None``
-    for an empty class). The ``<3`` class is listed only when it holds a nodule."""
+    for an empty class). The ``<3`` class is listed only when it holds a nodule. With ``matching`` (whose
+    nodules ``scores`` are), also the class's sensitivity at 1 FP/scan and CPM (see ``group_sensitivity``)."""
     rows = []
     for name, low, high in SIZE_BINS:
         inside = [s for s in scores if low <= s.finding.diameter_mm < high]
         if name == "<3" and not inside:
             continue
-        detected = sum(s.detected for s in inside)
-        rows.append({"size_mm": name, "nodules": len(inside), "detected": detected,
-                     "sensitivity": detected / len(inside) if inside else None})
+        rows.append({"size_mm": name, **group_sensitivity(inside, matching)})
     return rows
+
+
+def sensitivity_by_attribute(matching: Matching, column: str) -> list[dict]:
+    """Per value of the annotation column ``column`` (e.g. ``texture``; ``""`` where a nodule has none),
+    in order of first appearance: the counts and sensitivities of ``group_sensitivity``."""
+    groups: dict[str, list[FindingScore]] = {}
+    for s in matching.nodules:
+        groups.setdefault(s.finding.attributes.get(column, ""), []).append(s)
+    return [{column: value, **group_sensitivity(scores, matching)} for value, scores in groups.items()]
+
+
+def group_sensitivity(scores: Sequence[FindingScore], matching: Matching | None = None) -> dict:
+    """``nodules``, ``detected`` (hit by any candidate) and ``sensitivity`` (their fraction; ``None`` for no
+    nodule) of a group of nodules; with ``matching``, also ``sensitivity_at_1fp`` and ``cpm`` of the group's
+    FROC: the group's hits against every false positive of the matching, on the same FP/scan axis."""
+    detected = sum(s.detected for s in scores)
+    row = {"nodules": len(scores), "detected": detected, "sensitivity": detected / len(scores) if scores else None}
+    if matching is not None:
+        at = froc_curve(replace(matching, nodules=list(scores))).sensitivity_at() if scores else None
+        row["sensitivity_at_1fp"] = None if at is None else float(at[FP_RATES.index(1.0)])
+        row["cpm"] = None if at is None else float(at.mean())
+    return row
 
 
 def froc_output_paths(outdir: str | os.PathLike) -> dict[str, Path]:
@@ -500,6 +529,14 @@ def _report_markdown(report: dict, froc: FROCResult) -> str:
     lines += ["", "| scan | nodules | candidates | read s | detect s |", "|---|---|---|---|---|"]
     lines += [f"| {s['seriesuid']} | {s['nodules']} | {s['candidates']} | {s['seconds_read']:.1f} | "
               f"{s['seconds_detect']:.1f} |" for s in report["scans"]]
+    froc_dict = report["froc"]
+    for key, title in [("sensitivity_by_size", "size_mm"), *((f"sensitivity_by_{c}", c) for c in GROUP_COLUMNS)]:
+        if key not in froc_dict:
+            continue
+        lines += ["", f"Sensitivity by {title} (any hit; at 1 FP/scan; CPM of the group):", "",
+                  f"| {title} | nodules | detected | sensitivity | at 1 FP/scan | CPM |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r[title] or '(none)'} | {r['nodules']} | {r['detected']} | {_fmt(r['sensitivity'])} | "
+                  f"{_fmt(r.get('sensitivity_at_1fp'))} | {_fmt(r.get('cpm'))} |" for r in froc_dict[key]]
     missed = [s for s in froc.matching.nodules if not s.detected]
     lines += ["", f"Missed nodules: {len(missed)}"]
     lines += [f"- {s.finding.seriesuid} at ({', '.join(f'{v:.1f}' for v in s.finding.center_lps)}) mm LPS, "
@@ -508,6 +545,10 @@ def _report_markdown(report: dict, froc: FROCResult) -> str:
         lines.append(f"- mass {m.finding.seriesuid} ({m.finding.diameter_mm:g} mm): "
                      + (f"detected, p={m.probability:.3f}" if m.detected else "not detected"))
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _plot(result: FROCResult, path: Path) -> None:
