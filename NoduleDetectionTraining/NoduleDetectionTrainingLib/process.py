@@ -62,6 +62,7 @@ def training_config(
     time_budget_minutes: Optional[float] = None,
     validate_every: Optional[int] = None,
     seed: int = 0,
+    **options: Any,
 ) -> dict[str, Any]:
     """A CONFIG.json for ``nodule-detection train`` (see its schema in the training command's docs).
 
@@ -73,6 +74,7 @@ def training_config(
         stage1, stage2: ``{"steps", "batch", "lr"}`` (missing keys: the command's defaults).
         patch1: stage 1 patch edge (working-grid voxels). time_budget_minutes: stop after this long.
         validate_every: steps between validation runs. seed: random seed.
+        options: other settings of the command, written as given (e.g. ``augment=False``, ``patience=4``).
 
     Only the given settings are written; the training command fills in its defaults for the rest.
     """
@@ -83,6 +85,7 @@ def training_config(
     optional = {"model": model, "stage1": stage1, "stage2": stage2, "patch1": patch1,
                 "time_budget_minutes": time_budget_minutes, "validate_every": validate_every}
     config.update({key: value for key, value in optional.items() if value is not None})
+    config.update(options)
     return config
 
 
