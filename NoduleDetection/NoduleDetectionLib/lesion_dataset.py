@@ -234,7 +234,8 @@ def _readme(summary: dict, hosts: list[ScanEntry]) -> str:
         "these lesions' seeds and shapes are never used in training (shape seeds are listed in `lesions.json`).",
         "",
         f"{summary['inserted']} lesions inserted ({summary['lesions_requested']} requested, {summary['skipped']} "
-        f"found no place) into {len(summary['copies'])} copies, at most {summary['per_copy']} per copy; "
+        f"found no place) into {len(summary['copies'])} copies, {summary['per_copy']} per copy (a lesion that "
+        "found no place in a copy was tried again in the next copy made); "
         f"{summary['seconds']:.0f} s.",
         f"- size: {sizes}", f"- texture: {counts('texture')}", f"- position: {counts('position')}",
         f"- shape: {counts('shape')}", "",
