@@ -171,7 +171,31 @@ def _add_bootstrap_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
-COMMANDS = [_add_detect, _add_evaluate, _add_evaluate_detector, _add_make_lesion_dataset]
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune both stages from a JSON config",
+        description=(
+            "Train the U-net and the 3D CNN as CONFIG.json says (data sources, lesion insertion, steps, "
+            "time budget) and write model.safetensors, model_card.md, train_log.jsonl, training_curves.png "
+            "and checkpoint.pt into OUTDIR. Runs on several processes or GPUs when started under torchrun."
+        ),
+    )
+    p.add_argument("config", help="training config (JSON); see Resources/Training/*.json")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="run folder (created)")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUTDIR from its last checkpoint")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train_run import run_training
+
+    print(run_training(args.config, args.output, resume=args.resume, device=args.device, show_progress=True))
+    return 0
+
+
+COMMANDS = [_add_detect, _add_evaluate, _add_evaluate_detector, _add_make_lesion_dataset, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,16 +1,24 @@
-"""Training both stages on annotated cases.
+"""Training both stages: the optimisation loops, hard-negative mining and validation by CPM.
 
 A ``TrainingCase`` is a CT with a lesion label map (the targets) and ignore regions (findings that are
-neither positive nor negative, e.g. LUNA16's excluded findings). Training is done in two steps:
+neither positive nor negative, e.g. LUNA16's excluded findings). ``Trainer`` trains in two steps:
 
 1. **Stage 1** (U-net): cubic patches of the working grid, half centred near lesions, half anywhere in
-   the lungs; loss = binary cross-entropy + soft Dice, ignore regions masked out of both.
+   the lungs, augmented (flips, axial quarter turns, small rotations and scaling, slice thickness,
+   intensity and noise); loss = binary cross-entropy + soft Dice, ignore regions masked out of both.
 2. **Stage 2** (3D CNN): stage 1 runs over every case; its candidates that fall on a lesion are
    positives, the others (vessels, airways, pleura of the real host scans) are the mined hard negatives,
    and candidates inside ignore regions are dropped. True lesion centres (jittered) are added as
-   positives. Loss = binary cross-entropy on class-balanced batches.
+   positives. Loss = binary cross-entropy on class-balanced, augmented batches.
 
-The same functions train the tiny test models on phantoms and the shipped model on real host scans.
+Each stage is validated every ``validate_every`` steps by the CPM of the project's LUNA16 evaluator on
+the validation cases (stage 1 alone scores candidates by its own probability); the best weights are
+kept, and a stage stops early after ``patience`` validations without improvement or when its share of
+the time budget is spent. Training state is checkpointed so that an interrupted run resumes where it
+stopped. Under ``torchrun`` the networks are wrapped in ``DistributedDataParallel``; every rank draws its
+own samples, and rank 0 writes the files.
+
+The same code trains the tiny test models on phantoms and the shipped model on real host scans.
 """
 
 from __future__ import annotations
@@ -24,12 +32,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import Compose, RandomAffine, RandomFlip, RandomIntensity, RandomNoise, RandomRot90, RandomSliceThickness
+from .datasets import Finding
 from .detect import Detector
-from .models import ModelConfig, NoduleModel
+from .evaluate import Candidate as EvalCandidate
+from .evaluate import evaluate
+from .models import NoduleModel
 from .preprocess import Prepared, normalize_hu, prepare, resample, sample_patches
 from .volume import CTVolume
 
 log = logging.getLogger(__name__)
+
+#: Radius (mm) of the lesion target region used to decide that a stage 2 candidate is a hit.
+MIN_HIT_RADIUS_MM = 3.0
 
 
 @dataclass
@@ -39,19 +54,21 @@ class TrainingCase:
     Attributes:
         volume: CT in HU.
         label_map: ``[k, j, i]`` on the input grid, > 0 on lesion voxels.
-        lesions: ``(center_lps, diameter_mm)`` of each lesion.
+        lesions: ``(center_lps, diameter_mm)`` of each lesion (LPS mm).
         ignore: ``(center_lps, radius_mm)`` regions that are neither positive nor negative.
+        name: identifier used as seriesuid in validation.
     """
 
     volume: CTVolume
-    label_map: np.ndarray
+    label_map: np.ndarray | None
     lesions: list[tuple[np.ndarray, float]]
     ignore: list[tuple[np.ndarray, float]] = field(default_factory=list)
+    name: str = ""
 
 
 @dataclass
 class StageSchedule:
-    """Optimisation settings of one stage: ``steps`` of ``batch`` samples at learning rate ``lr``."""
+    """Optimisation settings of one stage: at most ``steps`` of ``batch`` samples, peak learning rate ``lr``."""
 
     steps: int = 200
     batch: int = 4
@@ -60,29 +77,45 @@ class StageSchedule:
 
 @dataclass
 class TrainSettings:
-    """Settings of a training run. ``patch1``: stage 1 patch edge (working-grid voxels)."""
+    """Settings of a training run.
+
+    Attributes:
+        patch1: stage 1 patch edge in working-grid voxels.
+        validate_every: steps between validations (0: validate only at the end of each stage).
+        patience: validations without improvement before a stage stops early.
+        time_budget_s: wall-clock budget of the whole run (``None``: unlimited); stage 1 may use 65% of it.
+        target_fp_per_scan: the default threshold is the lowest probability whose validation false
+            positives per scan stay at or below this.
+    """
 
     stage1: StageSchedule = field(default_factory=StageSchedule)
     stage2: StageSchedule = field(default_factory=lambda: StageSchedule(steps=200, batch=32))
     patch1: int = 48
     positive_fraction: float = 0.5
     seed: int = 0
+    validate_every: int = 0
+    patience: int = 4
+    time_budget_s: float | None = None
+    target_fp_per_scan: float = 0.5
+    augment: bool = True
 
 
 @dataclass
-class _PreparedCase:
+class PreparedCase:
+    """A case on the working grid: ``target`` lesion mask and ``weight`` (0 inside ignore regions)."""
+
     case: TrainingCase
     prep: Prepared
-    target: np.ndarray   # float32 [k, j, i] lesion target on the working grid
-    weight: np.ndarray   # float32 [k, j, i] 0 inside ignore regions, 1 elsewhere
+    target: np.ndarray
+    weight: np.ndarray
 
 
-def _sphere_mask(shape: tuple[int, ...], prep: Prepared, centers: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
-    """``bool [k, j, i]`` on the working grid: union of balls (LPS centre, radius mm)."""
+def sphere_mask(shape: tuple[int, ...], geometry, balls: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
+    """``bool [k, j, i]`` on a grid of ``geometry``: the union of balls ``(center LPS mm, radius mm)``."""
     mask = np.zeros(shape, bool)
-    sp = np.asarray(prep.geometry.spacing)
-    for centre, radius in centers:
-        c = prep.geometry.lps_to_index(np.asarray(centre))
+    sp = np.asarray(geometry.spacing)
+    for centre, radius in balls:
+        c = geometry.lps_to_index(np.asarray(centre, dtype=float))
         r = np.ceil(radius / sp).astype(int) + 1
         lo = np.maximum(np.floor(c).astype(int) - r, 0)
         hi = np.minimum(np.ceil(c).astype(int) + r + 1, np.array(shape[::-1]))
@@ -95,59 +128,318 @@ def _sphere_mask(shape: tuple[int, ...], prep: Prepared, centers: Sequence[tuple
     return mask
 
 
-def prepare_case(case: TrainingCase, config: ModelConfig) -> _PreparedCase:
-    """Bring a case to the working grid (same preprocessing as detection) with its target and weights."""
+def prepare_case(case: TrainingCase, model: NoduleModel) -> PreparedCase:
+    """Bring a case to the working grid (the same preprocessing as detection) with its target and weights.
+
+    Without a label map the target is the union of the lesions' spheres.
+    """
+    config = model.config
     prep = prepare(case.volume, config.stage1.spacing_mm, config.hu_window)
-    start = (prep.crop[2].start, prep.crop[1].start, prep.crop[0].start)
-    target, _ = resample((case.label_map[prep.crop] > 0).astype(np.float32),
-                         case.volume.geometry.cropped(start), config.stage1.spacing_mm)
+    if case.label_map is not None:
+        start = (prep.crop[2].start, prep.crop[1].start, prep.crop[0].start)
+        target, _ = resample((case.label_map[prep.crop] > 0).astype(np.float32),
+                             case.volume.geometry.cropped(start), config.stage1.spacing_mm)
+        target = target >= 0.5
+    else:
+        target = sphere_mask(prep.image.shape, prep.geometry, [(c, d / 2) for c, d in case.lesions])
     weight = np.ones(prep.image.shape, np.float32)
     if case.ignore:
-        weight[_sphere_mask(prep.image.shape, prep, case.ignore)] = 0.0
-    return _PreparedCase(case, prep, (target >= 0.5).astype(np.float32), weight)
+        weight[sphere_mask(prep.image.shape, prep.geometry, case.ignore) & ~target] = 0.0
+    return PreparedCase(case, prep, target.astype(np.float32), weight)
 
 
-def _crop_patch(arrays: Sequence[np.ndarray], centre: np.ndarray, size: int, fill: Sequence[float]) -> list[np.ndarray]:
-    """Cut ``size``³ patches centred at ``centre`` ``[k, j, i]`` from arrays of one shape (pad with ``fill``)."""
+def _crop(arrays: Sequence[np.ndarray], centre: np.ndarray, size: int) -> list[np.ndarray]:
+    """``size``³ patches centred at ``centre`` ``[k, j, i]`` from same-shape arrays (zero outside)."""
     shape = np.array(arrays[0].shape)
     lo = np.round(centre).astype(int) - size // 2
-    src_lo = np.maximum(lo, 0)
-    src_hi = np.minimum(lo + size, shape)
+    src_lo, src_hi = np.maximum(lo, 0), np.minimum(lo + size, shape)
+    d_lo = src_lo - lo
+    d_hi = d_lo + np.maximum(src_hi - src_lo, 0)
     out = []
-    for a, f in zip(arrays, fill):
-        p = np.full((size, size, size), f, np.float32)
-        d_lo = src_lo - lo
-        d_hi = d_lo + (src_hi - src_lo)
-        p[d_lo[0]:d_hi[0], d_lo[1]:d_hi[1], d_lo[2]:d_hi[2]] = a[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1],
-                                                              src_lo[2]:src_hi[2]]
+    for a in arrays:
+        p = np.zeros((size, size, size), np.float32)
+        if np.all(src_hi > src_lo):
+            p[d_lo[0]:d_hi[0], d_lo[1]:d_hi[1], d_lo[2]:d_hi[2]] = a[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1],
+                                                                  src_lo[2]:src_hi[2]]
         out.append(p)
     return out
 
 
-def _augment_flips(batch: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
-    """Random flips along each axis and a random axial 90° rotation, the same for all arrays given."""
-    axes = [a for a in range(3) if rng.random() < 0.5]
-    k = int(rng.integers(4))
-    return [np.ascontiguousarray(np.rot90(np.flip(a, axes) if axes else a, k, axes=(1, 2))) for a in batch]
+def stage1_augmentation(spacing_mm: float) -> Compose:
+    """Augmentation of normalised working-grid patches (intensity offsets in normalised units)."""
+    return Compose([
+        RandomFlip(), RandomRot90(), RandomAffine(degrees=10.0, scales=(0.85, 1.15)),
+        RandomSliceThickness((0.6, 5.0), spacing=(spacing_mm,) * 3),
+        RandomIntensity(scale=(0.95, 1.05), offset=(-0.015, 0.015)), RandomNoise(std=(0.0, 0.012)),
+    ])
 
 
-def _stage1_sampler(cases: list[_PreparedCase], size: int, positive_fraction: float, rng: np.random.Generator):
-    lesion_voxels = [np.argwhere(c.target > 0) for c in cases]
-    lung_voxels = [np.argwhere(c.prep.lung) for c in cases]
+def stage2_augmentation(spacing_mm: float) -> Compose:
+    """Augmentation of HU patches around candidates."""
+    return Compose([
+        RandomFlip(), RandomRot90(), RandomSliceThickness((0.6, 5.0), spacing=(spacing_mm,) * 3),
+        RandomIntensity(scale=(0.95, 1.05), offset=(-20.0, 20.0)), RandomNoise(std=(0.0, 15.0)),
+    ])
 
-    def sample() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = int(rng.integers(len(cases)))
-        c = cases[n]
-        if rng.random() < positive_fraction and len(lesion_voxels[n]):
-            centre = lesion_voxels[n][rng.integers(len(lesion_voxels[n]))] + rng.integers(-size // 4, size // 4 + 1, 3)
-        elif len(lung_voxels[n]):
-            centre = lung_voxels[n][rng.integers(len(lung_voxels[n]))]
-        else:
-            centre = rng.integers(0, c.prep.image.shape)
-        img, tgt, w = _crop_patch([c.prep.image, c.target, c.weight], centre, size, (0.0, 0.0, 0.0))
-        return tuple(_augment_flips([img, tgt, w], rng))
 
-    return sample
+@dataclass
+class Stage2Samples:
+    """Candidate centres (LPS mm) with labels 1 (lesion) / 0 (hard negative), and their case index."""
+
+    case: np.ndarray
+    centers: np.ndarray
+    labels: np.ndarray
+
+
+def _hits(center: np.ndarray, balls: Sequence[tuple[np.ndarray, float]], min_radius: float = 0.0) -> bool:
+    return any(np.linalg.norm(center - np.asarray(p)) < max(r, min_radius) for p, r in balls)
+
+
+def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.random.Generator,
+                    device: str = "cpu", jitter_mm: float = 2.0, positives_per_lesion: int = 4) -> Stage2Samples:
+    """Run stage 1 over every case and label its candidates (a hit lies within a lesion's radius)."""
+    detector = Detector(model, device=device)
+    case_ids, centres, labels = [], [], []
+    for n, c in enumerate(cases):
+        prob = detector.probability_map(c.prep.image)
+        cands, _ = detector.candidates(prob, c.prep.lung, c.prep.geometry)
+        lesion_balls = [(p, d / 2) for p, d in c.case.lesions]
+        for cand in cands:
+            hit = _hits(cand.center_lps, lesion_balls, MIN_HIT_RADIUS_MM)
+            if not hit and _hits(cand.center_lps, c.case.ignore):
+                continue
+            case_ids.append(n)
+            centres.append(cand.center_lps)
+            labels.append(int(hit))
+        for p, _d in c.case.lesions:
+            for _ in range(positives_per_lesion):
+                case_ids.append(n)
+                centres.append(np.asarray(p) + np.clip(rng.normal(0, jitter_mm / 2, 3), -jitter_mm, jitter_mm))
+                labels.append(1)
+    model.stage1.to(memory_format=torch.contiguous_format)
+    model.stage2.to(memory_format=torch.contiguous_format)
+    return Stage2Samples(np.array(case_ids, int), np.array(centres, float).reshape(-1, 3), np.array(labels, int))
+
+
+def validation_candidates(model: NoduleModel, cases: Sequence[PreparedCase], use_stage2: bool,
+                          device: str = "cpu") -> list[EvalCandidate]:
+    """Candidates of the detector (stage 1 alone, or both stages) on validation cases, for scoring."""
+    detector = Detector(model, device=device)
+    out = []
+    for c in cases:
+        prob = detector.probability_map(c.prep.image)
+        cands, _ = detector.candidates(prob, c.prep.lung, c.prep.geometry)
+        centres = np.array([x.center_lps for x in cands]).reshape(-1, 3)
+        scores = detector.classify(c.case.volume, centres) if use_stage2 else [x.score for x in cands]
+        out += [EvalCandidate(c.case.name, tuple(map(float, xyz)), float(p)) for xyz, p in zip(centres, scores)]
+    model.stage1.to(memory_format=torch.contiguous_format)
+    model.stage2.to(memory_format=torch.contiguous_format)
+    return out
+
+
+def validation_findings(cases: Sequence[PreparedCase]) -> list[Finding]:
+    """Lesions as LUNA16 nodules and ignore regions as excluded findings of the validation cases."""
+    out = []
+    for c in cases:
+        out += [Finding(c.case.name, tuple(map(float, p)), float(d), "nodule") for p, d in c.case.lesions]
+        out += [Finding(c.case.name, tuple(map(float, p)), 2.0 * float(r), "excluded") for p, r in c.case.ignore]
+    return out
+
+
+def choose_threshold(findings: Sequence[Finding], candidates: Sequence[EvalCandidate], scans: Sequence[str],
+                     fp_per_scan: float, bounds: tuple[float, float] = (0.3, 0.98)) -> float:
+    """Lowest probability threshold whose false positives per scan stay ≤ ``fp_per_scan`` (clipped)."""
+    result = evaluate(findings, candidates, scans, n_bootstrap=0)
+    fps = np.sort(result.matching.fp_probability)[::-1]
+    allowed = int(np.floor(fp_per_scan * len(scans)))
+    t = float(np.nextafter(fps[allowed], 1.0)) if len(fps) > allowed else bounds[0]
+    return float(np.clip(t, *bounds))
+
+
+StepHook = Callable[[str, int, int, float], bool]
+
+
+class Trainer:
+    """Trains both stages of ``model`` on prepared cases; see the module docs for the recipe.
+
+    Args:
+        model: networks and config (trained in place).
+        train_cases, val_cases: prepared cases (``prepare_case``); validation may be empty.
+        settings: schedules, budget, validation.
+        device: ``cpu`` or ``cuda`` (mixed precision on CUDA).
+        hook: ``hook(stage, step, steps, loss) -> keep_going``, called after every step (logging,
+            checkpoints, Stop).
+        rank, world_size: ``torchrun`` process rank and count (1: no distribution).
+    """
+
+    def __init__(self, model: NoduleModel, train_cases: Sequence[PreparedCase], val_cases: Sequence[PreparedCase],
+                 settings: TrainSettings, device: str = "cpu", hook: StepHook | None = None,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.model = model
+        self.train_cases = list(train_cases)
+        self.val_cases = list(val_cases)
+        self.settings = settings
+        self.device = torch.device(device)
+        self.hook = hook
+        self.rank, self.world_size = rank, world_size
+        self.started = time.perf_counter()
+        self.history: list[dict] = []
+        self.val_findings = validation_findings(self.val_cases)
+
+    # ------------------------------------------------------------------ helpers
+    def _wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        net.to(self.device).train()
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            return DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return net
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
+
+    def _budget_left(self, share: float) -> bool:
+        budget = self.settings.time_budget_s
+        return budget is None or time.perf_counter() - self.started < share * budget
+
+    def validate(self, use_stage2: bool) -> float | None:
+        """CPM on the validation cases (``None`` without validation cases)."""
+        if not self.val_cases or not self.val_findings:
+            return None
+        self.model.stage1.eval()
+        self.model.stage2.eval()
+        cands = validation_candidates(self.model, self.val_cases, use_stage2, device=str(self.device))
+        scans = [c.case.name for c in self.val_cases]
+        return evaluate(self.val_findings, cands, scans, n_bootstrap=0).cpm
+
+    def _optimise(self, stage: str, net: torch.nn.Module, batch_fn, loss_fn, schedule: StageSchedule,
+                  budget_share: float, state: dict | None, checkpoint: Callable[[dict], None] | None) -> None:
+        wrapped = self._wrap(net)
+        opt = torch.optim.AdamW(net.parameters(), lr=schedule.lr, weight_decay=1e-4)
+        lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=schedule.lr, total_steps=max(schedule.steps, 1))
+        scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
+        rng = np.random.default_rng([self.settings.seed, self.rank, 1 if stage == "stage1" else 2])
+        start, best, best_state, stale = 0, -1.0, None, 0
+        if state is not None and state.get("stage") == stage:
+            net.load_state_dict(state["net"])
+            opt.load_state_dict(state["opt"])
+            lr_sched.load_state_dict(state["sched"])
+            rng.bit_generator.state = state["rng"]
+            start, best, stale = int(state["step"]), float(state["best"]), int(state["stale"])
+            best_state = state.get("best_net") or None
+        every = self.settings.validate_every or schedule.steps
+        for step in range(start, schedule.steps):
+            x, *rest = batch_fn(rng)
+            with self._autocast():
+                out = wrapped(x.to(self.device, non_blocking=True))
+                loss = loss_fn(out.float(), *[r.to(self.device) for r in rest])
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            lr_sched.step()
+            value = float(loss.detach())
+            record = {"stage": stage, "step": step + 1, "steps": schedule.steps, "loss": value, "val_cpm": None}
+            last = step + 1 == schedule.steps or not self._budget_left(budget_share)
+            if (step + 1) % every == 0 or last:
+                cpm = self.validate(use_stage2=stage == "stage2")
+                net.train()
+                record["val_cpm"] = cpm
+                if cpm is None or cpm > best:
+                    best, stale = (cpm if cpm is not None else best), 0
+                    best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+                else:
+                    stale += 1
+                log.info("%s step %d: loss %.4f, validation CPM %s", stage, step + 1, value,
+                         "n/a" if cpm is None else f"{cpm:.3f}")
+                if checkpoint is not None:
+                    checkpoint({"stage": stage, "step": step + 1, "net": net.state_dict(), "opt": opt.state_dict(),
+                                "sched": lr_sched.state_dict(), "rng": rng.bit_generator.state, "best": best,
+                                "stale": stale, "best_net": best_state or {}})
+            self.history.append(record)
+            keep_going = self.hook(stage, step + 1, schedule.steps, value) if self.hook else True
+            if record["val_cpm"] is not None and self.hook:
+                self.hook("validation", step + 1, schedule.steps, float(record["val_cpm"]))
+            if not keep_going or last or stale >= self.settings.patience:
+                break
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        net.eval()
+
+    # ------------------------------------------------------------------ stages
+    def train_stage1(self, state: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> None:
+        """Optimise the U-net (patches of the working grid, BCE + soft Dice, ignore regions masked)."""
+        s = self.settings
+        size = -(-s.patch1 // self.model.stage1.divisor) * self.model.stage1.divisor
+        aug = stage1_augmentation(self.model.config.stage1.spacing_mm) if s.augment else None
+        lesion_voxels = [np.argwhere(c.target > 0) for c in self.train_cases]
+        lung_voxels = [np.argwhere(c.prep.lung) for c in self.train_cases]
+
+        def one(rng: np.random.Generator) -> list[np.ndarray]:
+            n = int(rng.integers(len(self.train_cases)))
+            c = self.train_cases[n]
+            if rng.random() < s.positive_fraction and len(lesion_voxels[n]):
+                jitter = rng.integers(-size // 4, size // 4 + 1, 3)
+                centre = lesion_voxels[n][rng.integers(len(lesion_voxels[n]))] + jitter
+            elif len(lung_voxels[n]):
+                centre = lung_voxels[n][rng.integers(len(lung_voxels[n]))]
+            else:
+                centre = rng.integers(0, c.prep.image.shape)
+            img, tgt, w = _crop([c.prep.image, c.target, c.weight], centre, size)
+            if aug is not None:  # one label map carries both: 1 = lesion, 2 = ignored, 0 = background
+                img, label = aug(img, np.where(tgt > 0, 1, np.where(w > 0, 0, 2)).astype(np.uint8), rng)
+                tgt, w = label == 1, label != 2
+            return [np.ascontiguousarray(a, dtype=np.float32) for a in (img, tgt, w)]
+
+        def batch(rng: np.random.Generator):
+            items = [one(rng) for _ in range(s.stage1.batch)]
+            return [torch.from_numpy(np.stack([it[i] for it in items]))[:, None] for i in range(3)]
+
+        self._optimise("stage1", self.model.stage1, batch, _loss_stage1, s.stage1, 0.65, state, checkpoint)
+
+    def train_stage2(self, state: dict | None = None,
+                     checkpoint: Callable[[dict], None] | None = None) -> Stage2Samples:
+        """Mine candidates with the trained stage 1, then optimise the classifier on balanced batches."""
+        s = self.settings
+        cfg = self.model.config.stage2
+        samples = mine_candidates(self.model, self.train_cases, np.random.default_rng(s.seed + 2), str(self.device))
+        pos = np.flatnonzero(samples.labels == 1)
+        neg = np.flatnonzero(samples.labels == 0)
+        log.info("stage 2: %d positives, %d mined negatives", len(pos), len(neg))
+        if len(pos) == 0:
+            raise ValueError("no positive samples for stage 2: the training cases have no lesions")
+        augs = [stage2_augmentation(sc) if s.augment else None for sc in cfg.scales_mm]
+
+        def batch(rng: np.random.Generator):
+            half = s.stage2.batch // 2
+            idx = np.concatenate([rng.choice(pos, half), rng.choice(neg if len(neg) else pos, s.stage2.batch - half)])
+            patches = []
+            for i in idx:
+                vol = self.train_cases[samples.case[i]].case.volume
+                centre = samples.centers[i] + rng.normal(0, 1.0, 3)
+                flip_seed = int(rng.integers(2**31))
+                scales = []
+                for sc, aug in zip(cfg.scales_mm, augs):
+                    p = sample_patches(vol.array, vol.geometry, centre[None], cfg.patch, sc)[0]
+                    if aug is not None:  # the same geometric draw at both scales
+                        p, _ = aug(p, None, np.random.default_rng(flip_seed))
+                    scales.append(normalize_hu(p, *self.model.config.hu_window))
+                patches.append(np.stack(scales))
+            return torch.from_numpy(np.stack(patches)), torch.from_numpy(samples.labels[idx].astype(np.float32))
+
+        self._optimise("stage2", self.model.stage2, batch, F.binary_cross_entropy_with_logits, s.stage2, 0.95,
+                       state, checkpoint)
+        return samples
+
+    def choose_threshold(self) -> float | None:
+        """Set and return the default threshold from the validation cases (``None`` without them)."""
+        if not self.val_cases:
+            return None
+        cands = validation_candidates(self.model, self.val_cases, True, device=str(self.device))
+        t = choose_threshold(self.val_findings, cands, [c.case.name for c in self.val_cases],
+                             self.settings.target_fp_per_scan)
+        self.model.config.threshold = t
+        return t
 
 
 def _loss_stage1(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -158,120 +450,15 @@ def _loss_stage1(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     return bce + dice
 
 
-def train_stage1(model: NoduleModel, cases: list[_PreparedCase], settings: TrainSettings,
-                 progress: Callable[[str, int, int, float], None] | None = None) -> list[float]:
-    """Optimise the U-net; returns the loss per step. ``progress(stage, step, steps, loss)``."""
-    rng = np.random.default_rng(settings.seed)
-    torch.manual_seed(settings.seed)
-    sched = settings.stage1
-    size = -(-settings.patch1 // model.stage1.divisor) * model.stage1.divisor
-    sample = _stage1_sampler(cases, size, settings.positive_fraction, rng)
-    net = model.stage1.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=sched.lr, weight_decay=1e-4)
-    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sched.lr, total_steps=max(sched.steps, 1))
-    losses = []
-    for step in range(sched.steps):
-        batch = [sample() for _ in range(sched.batch)]
-        img, tgt, w = (torch.from_numpy(np.stack([b[i] for b in batch]))[:, None] for i in range(3))
-        loss = _loss_stage1(net(img), tgt, w)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        lr_sched.step()
-        losses.append(float(loss.detach()))
-        if progress:
-            progress("stage1", step + 1, sched.steps, losses[-1])
-    net.eval()
-    return losses
-
-
-@dataclass
-class Stage2Samples:
-    """Candidate centres (LPS mm) with labels 1 (lesion) / 0 (hard negative), per case index."""
-
-    case: np.ndarray
-    centers: np.ndarray
-    labels: np.ndarray
-
-
-def mine_candidates(model: NoduleModel, cases: list[_PreparedCase], rng: np.random.Generator,
-                    jitter_mm: float = 2.0, positives_per_lesion: int = 4) -> Stage2Samples:
-    """Run stage 1 over every case and label its candidates (hit = within the lesion's radius)."""
-    detector = Detector(model, device="cpu")
-    case_ids, centres, labels = [], [], []
-    for n, c in enumerate(cases):
-        prob = detector.probability_map(c.prep.image)
-        cands, _ = detector.candidates(prob, c.prep.lung, c.prep.geometry)
-        for cand in cands:
-            d_lesion = [np.linalg.norm(cand.center_lps - np.asarray(p)) < max(d / 2, 3.0) for p, d in c.case.lesions]
-            d_ignore = [np.linalg.norm(cand.center_lps - np.asarray(p)) < r for p, r in c.case.ignore]
-            if any(d_ignore) and not any(d_lesion):
-                continue
-            case_ids.append(n)
-            centres.append(cand.center_lps)
-            labels.append(1 if any(d_lesion) else 0)
-        for p, _d in c.case.lesions:
-            for _ in range(positives_per_lesion):
-                case_ids.append(n)
-                centres.append(np.asarray(p) + rng.normal(0, jitter_mm / 2, 3).clip(-jitter_mm, jitter_mm))
-                labels.append(1)
-    return Stage2Samples(np.array(case_ids, int), np.array(centres, float).reshape(-1, 3), np.array(labels, int))
-
-
-def train_stage2(model: NoduleModel, cases: list[_PreparedCase], samples: Stage2Samples, settings: TrainSettings,
-                 progress: Callable[[str, int, int, float], None] | None = None) -> list[float]:
-    """Optimise the classifier on mined candidates with class-balanced batches; returns losses."""
-    rng = np.random.default_rng(settings.seed + 1)
-    torch.manual_seed(settings.seed + 1)
-    cfg = model.config.stage2
-    sched = settings.stage2
-    pos = np.flatnonzero(samples.labels == 1)
-    neg = np.flatnonzero(samples.labels == 0)
-    if len(pos) == 0:
-        raise ValueError("no positive samples for stage 2: the cases have no lesions")
-    net = model.stage2.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=sched.lr, weight_decay=1e-4)
-    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sched.lr, total_steps=max(sched.steps, 1))
-    losses = []
-    for step in range(sched.steps):
-        half = sched.batch // 2
-        idx = np.concatenate([rng.choice(pos, half), rng.choice(neg, sched.batch - half) if len(neg) else
-                              rng.choice(pos, sched.batch - half)])
-        patches = []
-        for i in idx:
-            vol = cases[samples.case[i]].case.volume
-            centre = samples.centers[i] + rng.normal(0, 1.0, 3)
-            scales = [sample_patches(vol.array, vol.geometry, centre[None], cfg.patch, s)[0] for s in cfg.scales_mm]
-            patches.append(_augment_flips([normalize_hu(np.stack(scales), *model.config.hu_window)], rng)[0])
-        x = torch.from_numpy(np.stack(patches))
-        y = torch.from_numpy(samples.labels[idx].astype(np.float32))
-        loss = F.binary_cross_entropy_with_logits(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        lr_sched.step()
-        losses.append(float(loss.detach()))
-        if progress:
-            progress("stage2", step + 1, sched.steps, losses[-1])
-    net.eval()
-    return losses
-
-
-def train_model(cases: Sequence[TrainingCase], config: ModelConfig | None = None,
-                settings: TrainSettings | None = None,
-                progress: Callable[[str, int, int, float], None] | None = None) -> NoduleModel:
-    """Train both stages from scratch on ``cases`` and return the model (eval mode)."""
-    config = config or ModelConfig()
+def train_model(cases: Sequence[TrainingCase], model: NoduleModel, settings: TrainSettings | None = None,
+                val_cases: Sequence[TrainingCase] = (), hook: StepHook | None = None) -> NoduleModel:
+    """Train both stages on ``cases`` in memory (no files) and return the model in eval mode."""
     settings = settings or TrainSettings()
-    t0 = time.perf_counter()
-    model = NoduleModel.build(config, seed=settings.seed)
-    prepared = [prepare_case(c, config) for c in cases]
-    train_stage1(model, prepared, settings, progress)
-    samples = mine_candidates(model, prepared, np.random.default_rng(settings.seed + 2))
-    log.info("stage 2: %d positives, %d hard negatives", int(samples.labels.sum()),
-             int((samples.labels == 0).sum()))
-    train_stage2(model, prepared, samples, settings, progress)
-    config.card.setdefault("training_seconds", round(time.perf_counter() - t0, 1))
+    trainer = Trainer(model, [prepare_case(c, model) for c in cases], [prepare_case(c, model) for c in val_cases],
+                      settings, hook=hook)
+    trainer.train_stage1()
+    trainer.train_stage2()
+    trainer.choose_threshold()
     return model
 
 
@@ -281,8 +468,7 @@ def phantom_cases(n: int, seed: int = 0, **phantom_kwargs) -> list[TrainingCase]
 
     rng = np.random.default_rng(seed)
     out = []
-    for _ in range(n):
-        ph = make_phantom(rng, **phantom_kwargs)
-        out.append(TrainingCase(ph.volume, ph.label_map, ph.nodules))
+    for i in range(n):
+        ph = make_phantom(rng, name=f"phantom-{seed}-{i}", **phantom_kwargs)
+        out.append(TrainingCase(ph.volume, ph.label_map, ph.nodules, name=ph.volume.name))
     return out
-

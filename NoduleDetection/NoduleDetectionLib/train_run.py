@@ -1,0 +1,358 @@
+"""A training run from a JSON config: data sources, checkpoints, logs, curves and the model card.
+
+``nodule-detection train CONFIG.json -o OUTDIR [--resume]`` runs ``run_training``. The config::
+
+    {
+      "seed": 0,
+      "init_model": null,                  # or a model file to fine-tune
+      "model": {...},                      # ModelConfig fields (ignored when fine-tuning)
+      "train": [SOURCE, ...],
+      "validation": [SOURCE, ...],
+      "stage1": {"steps": 1500, "batch": 4, "lr": 0.003},
+      "stage2": {"steps": 600, "batch": 32, "lr": 0.001},
+      "patch1": 48, "validate_every": 250, "patience": 4,
+      "time_budget_minutes": 110, "target_fp_per_scan": 0.5
+    }
+
+A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "insert": null | {"lesions_per_scan": 20,
+"copies": 4, "seed": 1}}`` (a LUNA16 folder, a folder laid out like ``../shared/data``, a dataset exported
+from a Slicer scene, or a folder of unannotated scans), or ``{"phantoms": n, "seed": s}`` for synthetic
+phantoms (tests and smoke runs only).
+
+Findings of a source are used as follows: ``nodule`` rows are positives (a sphere of their diameter is
+the stage 1 target); ``excluded`` and ``mass`` rows are ignore regions of radius ``max(d/2, 5 mm)``
+(point marks, ``d = -1``, get 5 mm: LIDC's point marks are nodules < 3 mm or non-nodule spots, and 5 mm
+covers them with a margin), so they are never positives nor negatives. With ``insert``, each scan is
+copied ``copies`` times and ``lesions_per_scan`` synthetic lesions (``lesions``) are inserted into its
+lungs, away from every known finding; the inserted masks are the targets. Seeds of training insertions
+stay below 1000; validation lesion sets use seeds from 1000 (``make-lesion-dataset``), so no validation
+lesion shape is ever seen in training.
+
+Outputs in OUTDIR: ``model.safetensors``, ``model_card.md``, ``train_log.jsonl`` (one JSON object per
+step: stage, step, steps, loss, val_cpm, elapsed_s), ``training_curves.png``, ``checkpoint.pt`` (resume
+state, loaded with ``torch.load(weights_only=True)``), ``config.json`` (the config used).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .atomic import atomic_path, write_text_atomic
+from .datasets import Dataset
+from .detect import resolve_device
+from .errors import InputError, NoduleDetectionError
+from .io import read_ct
+from .lesions import avoid_radius_mm, insert_lesions, sample_lesion_specs
+from .models import ModelConfig, NoduleModel
+from .preprocess import lung_mask
+from .train import PreparedCase, StageSchedule, Trainer, TrainingCase, TrainSettings, phantom_cases, prepare_case
+
+log = logging.getLogger(__name__)
+
+#: Training insertion seeds must stay below this; validation lesion sets use seeds from it upwards.
+VALIDATION_SEED_BASE = 1000
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read and check a training config (JSON); raise ``InputError`` with a one-line reason."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"training config {path} not found") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"training config {path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or not config.get("train"):
+        raise InputError(f"training config {path} has no 'train' data source")
+    base = path.parent
+    for key in ("train", "validation"):
+        for source in config.get(key) or []:
+            if "path" in source and not Path(source["path"]).is_absolute():
+                source["path"] = str((base / source["path"]).resolve())
+            ins = source.get("insert") or {}
+            if key == "train" and int(ins.get("seed", 0)) >= VALIDATION_SEED_BASE:
+                raise InputError(f"training insertion seeds must be below {VALIDATION_SEED_BASE} "
+                                 f"(validation lesion sets use {VALIDATION_SEED_BASE} and above)")
+    if config.get("init_model") and not Path(config["init_model"]).is_absolute():
+        config["init_model"] = str((base / config["init_model"]).resolve())
+    return config
+
+
+def settings_from_config(config: dict) -> TrainSettings:
+    """The ``TrainSettings`` of a config (defaults for what it omits)."""
+    d = TrainSettings()
+    budget = config.get("time_budget_minutes")
+    return TrainSettings(
+        stage1=StageSchedule(**{**asdict(d.stage1), **config.get("stage1", {})}),
+        stage2=StageSchedule(**{**asdict(d.stage2), **config.get("stage2", {})}),
+        patch1=int(config.get("patch1", d.patch1)),
+        positive_fraction=float(config.get("positive_fraction", d.positive_fraction)),
+        seed=int(config.get("seed", d.seed)),
+        validate_every=int(config.get("validate_every", d.validate_every)),
+        patience=int(config.get("patience", d.patience)),
+        time_budget_s=None if budget is None else 60.0 * float(budget),
+        target_fp_per_scan=float(config.get("target_fp_per_scan", d.target_fp_per_scan)),
+        augment=bool(config.get("augment", True)),
+    )
+
+
+def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
+    """Load the cases of one data source (see the module docs), inserting lesions if asked."""
+    if "phantoms" in source:
+        return phantom_cases(int(source["phantoms"]), seed=int(source.get("seed", seed)),
+                             **source.get("phantom_options", {}))
+    ds = Dataset.open(source["path"], source.get("scans"))
+    insert = source.get("insert")
+    cases = []
+    for n, scan in enumerate(ds.scans):
+        volume = read_ct(scan.path)
+        nodules = [(np.array(f.center_lps), float(f.diameter_mm)) for f in scan.annotations]
+        ignore = [(np.array(f.center_lps), avoid_radius_mm(f.diameter_mm)) for f in (*scan.excluded, *scan.masses)]
+        if not insert:
+            cases.append(TrainingCase(volume, None, nodules, ignore, name=scan.seriesuid))
+            continue
+        lungs = lung_mask(volume).mask
+        avoid = [(p, avoid_radius_mm(d)) for p, d in nodules] + ignore
+        for copy in range(int(insert.get("copies", 1))):
+            rng = np.random.default_rng([int(insert.get("seed", seed)), n, copy])
+            specs = sample_lesion_specs(int(insert.get("lesions_per_scan", 20)), rng)
+            new, labels, inserted = insert_lesions(volume, lungs, specs, rng, avoid=avoid)
+            # Real nodules of a host keep their (unknown) outline out of the loss: ignore, not target.
+            lesions = [(np.array(x.center_lps), x.diameter_mm) for x in inserted]
+            cases.append(TrainingCase(new, labels, lesions, ignore + [(p, d / 2 + 2.0) for p, d in nodules],
+                                      name=f"{scan.seriesuid}-ins{int(insert.get('seed', seed))}-{copy}"))
+            log.info("%s copy %d: %d lesions inserted", scan.name, copy, len(inserted))
+    return cases
+
+
+def _prepare_sources(sources: list[dict], model: NoduleModel, seed: int) -> list[PreparedCase]:
+    out = []
+    for source in sources:
+        for case in cases_from_source(source, seed):
+            prepared = prepare_case(case, model)
+            case.label_map = None  # the working-grid target is kept; the input-grid copy is not needed
+            out.append(prepared)
+    return out
+
+
+class RunFiles:
+    """The files of a run in ``outdir``, written by rank 0 only."""
+
+    def __init__(self, outdir: Path, active: bool) -> None:
+        self.outdir, self.active = outdir, active
+        self.log = outdir / "train_log.jsonl"
+        self.checkpoint = outdir / "checkpoint.pt"
+        self.model = outdir / "model.safetensors"
+        self.card = outdir / "model_card.md"
+        self.curves = outdir / "training_curves.png"
+        self.config = outdir / "config.json"
+
+    def append_log(self, record: dict) -> None:
+        if self.active:
+            with open(self.log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self, model: NoduleModel, trainer_state: dict) -> None:
+        if not self.active:
+            return
+        payload = {"model": model.state_tensors(), "trainer": trainer_state, "config": model.config.to_json()}
+        with atomic_path(self.checkpoint, overwrite=True) as tmp:
+            torch.save(payload, tmp)
+
+    def load_checkpoint(self) -> dict | None:
+        if not self.checkpoint.is_file():
+            return None
+        try:
+            return torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to read is the same user-facing error
+            raise NoduleDetectionError(f"cannot resume: {self.checkpoint} is unreadable ({exc})") from None
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world_size)`` from ``torchrun``'s environment; initialises the process group if > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return rank, world
+
+
+def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resume: bool = False,
+                 device: str = "auto", show_progress: bool = False) -> Path:
+    """Train a model as ``config_path`` says; write the run's files into ``outdir``; return the model path."""
+    from tqdm.auto import tqdm
+
+    config = load_config(config_path)
+    outdir = Path(outdir)
+    rank, world = _distributed()
+    files = RunFiles(outdir, active=rank == 0)
+    if files.model.exists() and not resume:
+        raise NoduleDetectionError(f"{files.model} already exists; choose another output folder or --resume")
+    if files.log.exists() and not resume:
+        raise NoduleDetectionError(f"{outdir} holds a started run; pass --resume to continue it")
+    outdir.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    settings = settings_from_config(config)
+    if config.get("init_model"):
+        model = NoduleModel.load(config["init_model"])
+        model.config.card = {}
+    else:
+        model = NoduleModel.build(ModelConfig.from_dict({**_default_model_dict(), **config.get("model", {})}),
+                                  seed=settings.seed)
+    state = files.load_checkpoint() if resume else None
+    if state is not None:
+        for prefix, net in (("stage1", model.stage1), ("stage2", model.stage2)):
+            net.load_state_dict({k[len(prefix) + 1:]: v for k, v in state["model"].items()
+                                 if k.startswith(prefix + ".")})
+        log.info("resuming from %s (%s, step %d)", files.checkpoint, state["trainer"]["stage"],
+                 state["trainer"]["step"])
+    if files.active:
+        write_text_atomic(files.config, json.dumps(config, indent=2), overwrite=True)
+
+    t0 = time.perf_counter()
+    train_cases = _prepare_sources(config["train"], model, settings.seed)
+    val_cases = _prepare_sources(config.get("validation") or [], model, settings.seed)
+    data_seconds = time.perf_counter() - t0
+    log.info("data: %d training cases, %d validation cases (%.0f s)", len(train_cases), len(val_cases), data_seconds)
+
+    bars: dict[str, tqdm] = {}
+    elapsed0 = float(state["trainer"].get("elapsed_s", 0.0)) if state else 0.0
+
+    def hook(stage: str, step: int, steps: int, value: float) -> bool:
+        elapsed = elapsed0 + time.perf_counter() - t0
+        if stage == "validation":
+            files.append_log({"stage": "validation", "step": step, "steps": steps, "loss": None,
+                              "val_cpm": value, "elapsed_s": round(elapsed, 1)})
+            return True
+        if stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[stage] = tqdm(total=steps, initial=step - 1, desc=f"training {stage}",
+                               disable=not (show_progress and files.active))
+        bars[stage].update(1)
+        bars[stage].set_postfix(loss=f"{value:.4f}")
+        files.append_log({"stage": stage, "step": step, "steps": steps, "loss": value, "val_cpm": None,
+                          "elapsed_s": round(elapsed, 1)})
+        return True
+
+    trainer = Trainer(model, train_cases, val_cases, settings, device=str(dev), hook=hook, rank=rank, world_size=world)
+    if settings.time_budget_s is not None:
+        trainer.started -= elapsed0
+
+    def checkpoint(trainer_state: dict) -> None:
+        trainer_state["elapsed_s"] = elapsed0 + time.perf_counter() - t0
+        files.save_checkpoint(model, trainer_state)
+
+    resume_stage = state["trainer"]["stage"] if state else "stage1"
+    trainer_state = state["trainer"] if state else None
+    if resume_stage == "stage1":
+        trainer.train_stage1(trainer_state, checkpoint)
+        trainer_state = None
+    samples = trainer.train_stage2(trainer_state, checkpoint)
+    threshold = trainer.choose_threshold()
+    final_cpm = trainer.validate(use_stage2=True)
+    for bar in bars.values():
+        bar.close()
+    seconds = elapsed0 + time.perf_counter() - t0
+    files.append_log({"stage": "done", "step": 0, "steps": 0, "loss": None, "val_cpm": final_cpm,
+                      "elapsed_s": round(seconds, 1)})
+    model.config.card = {
+        "format": "NoduleDetection model card",
+        "tool_version": __version__,
+        "trained": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "training_seconds": round(seconds, 1),
+        "data_seconds": round(data_seconds, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}, device {dev}",
+        "processes": world,
+        "config": config,
+        "training_cases": [c.case.name for c in train_cases],
+        "training_lesions": int(sum(len(c.case.lesions) for c in train_cases)),
+        "stage2_samples": {"positives": int(samples.labels.sum()), "mined_negatives": int((samples.labels == 0).sum())},
+        "validation_cases": [c.case.name for c in val_cases],
+        "validation_lesions": int(sum(len(c.case.lesions) for c in val_cases)),
+        "validation_cpm_inserted": final_cpm,
+        "threshold": threshold if threshold is not None else model.config.threshold,
+        "threshold_rule": f"lowest probability with <= {settings.target_fp_per_scan} false positives per "
+                          "validation scan (inserted-lesion validation cases)",
+        "limits": "Research software, not a medical device. Trained without LUNA16.",
+    }
+    if files.active:
+        model.save(files.model, overwrite=True)
+        write_text_atomic(files.card, model_card_markdown(model.config.card), overwrite=True)
+        plot_log(files.log, files.curves)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return files.model
+
+
+def _default_model_dict() -> dict:
+    return json.loads(ModelConfig().to_json())
+
+
+def model_card_markdown(card: dict) -> str:
+    """A readable model card from the ``card`` dict stored in the model file."""
+    lines = ["# NoduleDetection model card", "",
+             "Research software, **not a medical device**. Trained **without LUNA16** (not reachable here).", ""]
+    for key, value in card.items():
+        if key in ("config", "format"):
+            continue
+        lines.append(f"- **{key.replace('_', ' ')}**: {value}")
+    lines += ["", "## Training config", "", "```json", json.dumps(card.get("config", {}), indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def plot_log(log_path: Path, png_path: Path) -> Path:
+    """Plot the loss per step of each stage and the validation CPM from ``train_log.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, stage in zip(axes, ("stage1", "stage2")):
+        steps = [r["step"] for r in records if r["stage"] == stage]
+        loss = [r["loss"] for r in records if r["stage"] == stage]
+        if loss:
+            k = max(1, len(loss) // 50)
+            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+            ax.plot(steps, loss, color="0.8", lw=0.8, label="loss")
+            ax.plot(steps[k - 1:], smooth, color="C0", lw=1.5, label=f"loss ({k}-step mean)")
+        ax.set_title(f"{stage}: {'U-net' if stage == 'stage1' else '3D CNN'}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        vals = [(r["step"], r["val_cpm"]) for i, r in enumerate(records) if r["stage"] == "validation"
+                and _stage_of_validation(records, i) == stage]
+        if vals:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*vals), "o-", color="C3", label="validation CPM")
+            ax2.set_ylim(0, 1)
+            ax2.set_ylabel("validation CPM", color="C3")
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(png_path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def _stage_of_validation(records: list[dict], index: int) -> str:
+    for r in reversed(records[:index]):
+        if r["stage"] in ("stage1", "stage2"):
+            return r["stage"]
+    return "stage1"
