@@ -23,12 +23,12 @@ TINY_SETTINGS = dict(stage1_steps=100, stage2_steps=60)
 
 
 def train_tiny_model(path: Path, seed: int = 0) -> Path:
-    """Train a tiny two-stage model on synthetic phantoms (about a minute on 2 cores) and save it.
+    """Train a tiny two-stage model on synthetic phantoms (about a minute on 2 idle cores) and save it.
 
     The same training and model-file code as the shipped model, only smaller networks, a coarser working
-    grid and far fewer steps.
+    grid, no augmentation and far fewer steps.
     """
-    from NoduleDetectionLib.models import ModelConfig, Stage1Config, Stage2Config
+    from NoduleDetectionLib.models import ModelConfig, NoduleModel, Stage1Config, Stage2Config
     from NoduleDetectionLib.train import StageSchedule, TrainSettings, phantom_cases, train_model
 
     config = ModelConfig(
@@ -41,8 +41,9 @@ def train_tiny_model(path: Path, seed: int = 0) -> Path:
         stage2=StageSchedule(steps=TINY_SETTINGS["stage2_steps"], batch=16, lr=3e-3),
         patch1=32,
         seed=seed,
+        augment=False,
     )
-    model = train_model(phantom_cases(3, seed=1), config, settings)
+    model = train_model(phantom_cases(3, seed=1), NoduleModel.build(config, seed=seed), settings)
     return model.save(path)
 
 
