@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from . import __version__
@@ -222,11 +223,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except NoduleDetectionError as exc:
-        print(f"nodule-detection: error: {exc}", file=sys.stderr)
-        return 2
+        return _user_error(str(exc))
+    except OSError as exc:  # from a user's path: folder not writable, a file where a folder should be, disk full
+        return _user_error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+    except MemoryError:
+        return _user_error(OUT_OF_MEMORY)
     except KeyboardInterrupt:
         print("nodule-detection: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's GPU out-of-memory error (torch not imported here)
+            return _user_error(OUT_OF_MEMORY)
+        traceback.print_exc()
+        print(f"nodule-detection: internal error, please report it with the traceback above: {exc!r}", file=sys.stderr)
+        return 1
+
+
+#: What ``main`` says when memory runs out (``MemoryError``, or PyTorch's GPU out-of-memory error).
+OUT_OF_MEMORY = ("out of memory: use a smaller input (crop it to the chest), close other programs, or choose the "
+                 "other --device (cpu or cuda)")
+
+
+def _user_error(message: str) -> int:
+    """Print a user error as one line on stderr (newlines folded) and return exit status 2."""
+    print(f"nodule-detection: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

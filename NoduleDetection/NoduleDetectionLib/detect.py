@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from .errors import NoduleDetectionError
@@ -284,24 +283,29 @@ class Detector:
 
     def _outline(self, volume: CTVolume, prep, prob: np.ndarray, regions: np.ndarray,
                  kept: list[tuple[Candidate, float]]) -> tuple[list[Nodule], np.ndarray]:
-        """Bring kept regions to the input grid, measure them there, and number them 1..N."""
+        """Bring kept regions to the input grid, measure them there, and number them 1..N.
+
+        Works box by box (each kept region's bounding box), so memory grows with the nodules, not the scan.
+        """
         label_map = np.zeros(volume.array.shape, np.uint16)
         if not kept:
             return [], label_map
-        lut = np.zeros(regions.max() + 1, np.uint16)
-        for n, (c, _) in enumerate(kept, start=1):
-            lut[c.region] = n
         crop_shape = tuple(s.stop - s.start for s in prep.crop)
-        lab_t = torch.from_numpy(lut[regions].astype(np.int32))[None, None].float()
-        lab_up = F.interpolate(lab_t, size=crop_shape, mode="nearest-exact")[0, 0].numpy().astype(np.uint16)
-        prob_up = F.interpolate(torch.from_numpy(prob)[None, None], size=crop_shape, mode="trilinear",
-                                align_corners=False)[0, 0].numpy()
-        label_map[prep.crop] = np.where(prob_up >= 0.5, lab_up, 0)
+        crop_start = np.array([s.start for s in prep.crop])
+        objects = ndimage.find_objects(regions)
+        in_crop = label_map[prep.crop]
+        boxes = []
+        for n, (c, _) in enumerate(kept, start=1):
+            box, inside = _upsampled_region(prob, regions, c.region, objects[c.region - 1], crop_shape)
+            in_crop[box][inside] = n
+            boxes.append(box)
+        counts, centroids = [], []
+        for n, box in enumerate(boxes, start=1):
+            voxels = np.argwhere(in_crop[box] == n)
+            counts.append(len(voxels))
+            start = crop_start + [s.start for s in box]
+            centroids.append(voxels.mean(axis=0) + start if len(voxels) else None)
         voxel_mm3 = volume.voxel_volume_mm3
-        index = np.arange(1, len(kept) + 1)
-        counts = ndimage.sum_labels(label_map > 0, label_map, index)
-        with np.errstate(invalid="ignore", divide="ignore"):  # empty labels give NaN, handled below
-            centroids = ndimage.center_of_mass(label_map > 0, label_map, index)
         nodules = []
         for n, ((cand, p), count, com) in enumerate(zip(kept, counts, centroids), start=1):
             if count == 0:
@@ -313,9 +317,40 @@ class Detector:
                     count = 1
                 centre = np.asarray(cand.center_lps)
             else:
-                centre = volume.geometry.index_to_lps(np.asarray(com)[::-1])
+                centre = volume.geometry.index_to_lps(com[::-1])
             vol = float(count) * voxel_mm3
             diameter = float((6.0 * vol / np.pi) ** (1.0 / 3.0))
             kind = "mass" if diameter > self.config.mass_diameter_mm else "nodule"
             nodules.append(Nodule(n, tuple(float(v) for v in centre), diameter, vol, p, kind))
         return nodules, label_map
+
+
+def _upsampled_region(prob: np.ndarray, regions: np.ndarray, region: int, box: tuple[slice, ...],
+                      crop_shape: tuple[int, ...]) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Where working-grid region ``region`` (bounding box ``box``) lies on the crop grid ``crop_shape`` with
+    upsampled probability >= 0.5: the crop-grid box that holds it and a boolean mask over that box.
+
+    The mapping of ``F.interpolate`` to ``crop_shape`` (regions: ``nearest-exact``; probability: trilinear,
+    ``align_corners=False``; source indices in float32 as PyTorch computes them), evaluated only inside the box.
+    """
+    out_box, nearest, lower, upper, weight = [], [], [], [], []
+    for sl, n_in, n_out in zip(box, regions.shape, crop_shape):
+        scale = np.float32(n_in / n_out)
+        start = max(0, int(sl.start / scale) - 1)
+        stop = min(n_out, int(np.ceil(sl.stop / scale)) + 1)
+        centre = np.arange(start, stop, dtype=np.float32) + np.float32(0.5)
+        nearest.append(np.minimum(np.floor(centre * scale).astype(np.int64), n_in - 1))
+        source = np.maximum(centre * scale - np.float32(0.5), np.float32(0.0))
+        low = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
+        lower.append(low)
+        upper.append(np.minimum(low + 1, n_in - 1))
+        weight.append(source - low)
+        out_box.append(slice(start, stop))
+    p = prob
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        a, b = np.take(p, lower[axis], axis=axis), np.take(p, upper[axis], axis=axis)
+        p = a + (b - a) * weight[axis].reshape(shape)
+    inside = (regions[np.ix_(*nearest)] == region) & (p >= 0.5)
+    return tuple(out_box), inside

@@ -404,7 +404,8 @@ def _to_ct_volume(image: sitk.Image, name: str, uid: str, metadata: dict, paddin
     padding = hu < PADDING_BELOW_HU
     if padding_hu is not None and padding_hu >= PADDING_BELOW_HU:
         padding |= _touching_sides(hu == padding_hu)
-    hu = np.maximum(hu.astype(np.promote_types(hu.dtype, np.int16), copy=False), AIR_HU)  # unsigned → signed
+    hu = hu.astype(np.promote_types(hu.dtype, np.int16), copy=False)  # unsigned → signed
+    np.maximum(hu, AIR_HU, out=hu)  # in place: a huge scan is not held twice
     hu[padding] = AIR_HU
     integral = np.issubdtype(hu.dtype, np.integer) or bool(np.all(hu == np.round(hu)))
     fits = integral and hu.min() >= -32768 and hu.max() <= 32767

@@ -54,13 +54,22 @@ def _block_factors(spacing: tuple[float, float, float], target_mm: float) -> tup
     return tuple(max(1, int(round(target_mm / s))) for s in (sz, sy, sx))
 
 
-def _block_mean(array: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """Mean over non-overlapping blocks (edges padded by replication). ``[k, j, i]`` in and out."""
-    pads = [(0, (-n) % f) for n, f in zip(array.shape, factors)]
-    a = np.pad(array.astype(np.float32, copy=False), pads, mode="edge")
+def _block_mean(array: np.ndarray, factors: tuple[int, int, int], slab_voxels: int = 2**25) -> np.ndarray:
+    """Mean over non-overlapping blocks (edges padded by replication). ``[k, j, i]`` in and out.
+
+    Works through slabs of whole blocks along k of about ``slab_voxels`` voxels, so that only one slab at a time
+    is held as float32 (a whole 1024 × 1024 × 1000 scan would need 4 GiB, twice).
+    """
     kz, ky, kx = factors
-    z, y, x = (n // f for n, f in zip(a.shape, factors))
-    return a.reshape(z, kz, y, ky, x, kx).mean(axis=(1, 3, 5))
+    step = kz * max(1, slab_voxels // (kz * array.shape[1] * array.shape[2]))
+    means = []
+    for start in range(0, array.shape[0], step):
+        slab = array[start : start + step]
+        pads = [(0, (-n) % f) for n, f in zip(slab.shape, factors)]
+        a = np.pad(slab.astype(np.float32, copy=False), pads, mode="edge")
+        z, y, x = (n // f for n, f in zip(a.shape, factors))
+        means.append(a.reshape(z, kz, y, ky, x, kx).mean(axis=(1, 3, 5)))
+    return np.concatenate(means)
 
 
 def _hull_slices(mask: np.ndarray, max_ratio: float = 1.5) -> np.ndarray:
@@ -141,11 +150,13 @@ def _ball(radius: int, voxel_mm: np.ndarray) -> np.ndarray:
 
 
 def _upsample_blocks(mask: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour inverse of ``_block_mean``: repeat each coarse voxel, cut to ``shape``."""
-    out = mask
-    for axis, f in enumerate(factors):
-        out = np.repeat(out, f, axis=axis)
-    return np.ascontiguousarray(out[: shape[0], : shape[1], : shape[2]])
+    """Nearest-neighbour inverse of ``_block_mean``: repeat each coarse voxel, cut to ``shape``.
+
+    In-plane first, cut, then along k: the only full-size array made is the result.
+    """
+    fz, fy, fx = factors
+    planes = np.repeat(np.repeat(mask, fy, axis=1), fx, axis=2)[:, : shape[1], : shape[2]]
+    return np.ascontiguousarray(np.repeat(planes, fz, axis=0)[: shape[0]])
 
 
 def bounding_box(mask: np.ndarray, geometry: Geometry, margin_mm: float) -> tuple[slice, slice, slice]:
@@ -194,9 +205,15 @@ def resample(
 
 
 def normalize_hu(array: np.ndarray, hu_min: float = -1000.0, hu_max: float = 400.0) -> np.ndarray:
-    """Clip HU to ``[hu_min, hu_max]`` and scale to ``[0, 1]`` (float32, same shape)."""
-    a = np.clip(np.asarray(array, dtype=np.float32), hu_min, hu_max)
-    return (a - hu_min) / (hu_max - hu_min)
+    """Clip HU to ``[hu_min, hu_max]`` and scale to ``[0, 1]`` (a new float32 array, same shape).
+
+    Works in place on one float32 copy, so a large crop costs one float32 array, not three.
+    """
+    a = np.array(array, dtype=np.float32)
+    np.clip(a, hu_min, hu_max, out=a)
+    a -= hu_min
+    a /= hu_max - hu_min
+    return a
 
 
 @dataclass

@@ -307,7 +307,9 @@ def _write_csv(result: Any, path: Path) -> None:
 
 def _write_summary(result: Any, path: Path) -> None:
     label_map = np.asarray(result.label_map)
-    counts = np.bincount(label_map.ravel(), minlength=max((n.label for n in result.nodules), default=0) + 1)
+    length = max((n.label for n in result.nodules), default=0) + 1
+    # slice by slice: bincount copies its input as intp, 8 bytes a voxel (8 GiB for a 1024 x 1024 x 1000 scan)
+    counts = sum((np.bincount(plane.ravel(), minlength=length) for plane in label_map), np.zeros(length, np.int64))
     geometry: Geometry = result.geometry
     k, j, i = label_map.shape
     summary = {
