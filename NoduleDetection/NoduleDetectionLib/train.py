@@ -216,8 +216,6 @@ def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.r
                 case_ids.append(n)
                 centres.append(np.asarray(p) + np.clip(rng.normal(0, jitter_mm / 2, 3), -jitter_mm, jitter_mm))
                 labels.append(1)
-    model.stage1.to(memory_format=torch.contiguous_format)
-    model.stage2.to(memory_format=torch.contiguous_format)
     return Stage2Samples(np.array(case_ids, int), np.array(centres, float).reshape(-1, 3), np.array(labels, int))
 
 
@@ -232,8 +230,6 @@ def validation_candidates(model: NoduleModel, cases: Sequence[PreparedCase], use
         centres = np.array([x.center_lps for x in cands]).reshape(-1, 3)
         scores = detector.classify(c.case.volume, centres) if use_stage2 else [x.score for x in cands]
         out += [EvalCandidate(c.case.name, tuple(map(float, xyz)), float(p)) for xyz, p in zip(centres, scores)]
-    model.stage1.to(memory_format=torch.contiguous_format)
-    model.stage2.to(memory_format=torch.contiguous_format)
     return out
 
 
@@ -285,10 +281,13 @@ class Trainer:
         self.started = time.perf_counter()
         self.history: list[dict] = []
         self.val_findings = validation_findings(self.val_cases)
+        self._format = torch.channels_last_3d if self.device.type == "cpu" else torch.contiguous_format
 
     # ------------------------------------------------------------------ helpers
     def _wrap(self, net: torch.nn.Module) -> torch.nn.Module:
         net.to(self.device).train()
+        if self.device.type == "cpu":  # oneDNN convolutions train about 1.7x faster channels-last
+            net.to(memory_format=torch.channels_last_3d)
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -331,7 +330,7 @@ class Trainer:
         for step in range(start, schedule.steps):
             x, *rest = batch_fn(rng)
             with self._autocast():
-                out = wrapped(x.to(self.device, non_blocking=True))
+                out = wrapped(x.to(self.device, non_blocking=True).to(memory_format=self._format))
                 loss = loss_fn(out.float(), *[r.to(self.device) for r in rest])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
