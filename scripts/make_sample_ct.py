@@ -10,7 +10,6 @@ Source: LIDC-IDRI (TCIA), CC BY 3.0; see Resources/SampleData/README.md.
 import sys
 
 import numpy as np
-
 from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.io import read_ct, write_volume
 from NoduleDetectionLib.volume import CTVolume
