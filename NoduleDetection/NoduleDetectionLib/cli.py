@@ -30,7 +30,12 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
             "nodule) into OUTDIR. Not a medical device."
         ),
     )
-    p.add_argument("input", help="CT: DICOM folder or image file")
+    p.add_argument("input", nargs="+",
+                   help="CT: DICOM folder or image file. Several inputs, a .txt list of scans (one path a line) "
+                        "or a cohort folder (one that directly holds image files, or only subfolders: one "
+                        "scan each) make a cohort: one model load, each scan's outputs plus status/<name>.json, "
+                        "cohort_candidates.csv and cohort_status.csv in OUTDIR; rerunning resumes (finished "
+                        "scans are skipped); under torchrun the scans are shared out among the ranks")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
     p.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="report nodules with probability >= P (default: the model's own threshold)")
@@ -44,10 +49,21 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_detect(args: argparse.Namespace) -> int:
+    from .cohort import detect_cohort, is_cohort
     from .pipeline import detect_to_files
 
+    if is_cohort(args.input):
+        if args.series:
+            raise NoduleDetectionError("--series applies to one DICOM folder, not to a cohort")
+        cohort = detect_cohort(args.input, args.output, model=args.model, threshold=args.threshold,
+                               device=args.device, overwrite=args.overwrite, show_progress=True)
+        for path in cohort.paths.values():
+            print(path)
+        for status in cohort.failed:
+            print(f"{status.scan}: {status.status}: {status.reason}", file=sys.stderr)
+        return 1 if cohort.failed else 0
     paths = detect_to_files(
-        args.input, args.output, model=args.model, threshold=args.threshold, device=args.device,
+        args.input[0], args.output, model=args.model, threshold=args.threshold, device=args.device,
         series_uid=args.series, overwrite=args.overwrite, show_progress=True,
     )
     for path in paths.values():
