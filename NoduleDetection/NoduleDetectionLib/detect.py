@@ -13,6 +13,8 @@ and the benchmark:
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import os
 import time
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from scipy import ndimage
+from torch import nn
 
 from .errors import NoduleDetectionError
 from .geometry import Geometry
@@ -109,12 +112,71 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
-    if n <= tile:
-        return [0]
-    step = tile - overlap
-    starts = list(range(0, n - tile, step))
-    return starts + [n - tile]
+#: A stage 1 tile may hold up to this many times ``Stage1Config.tile ** 3`` voxels. Tiles are boxes, not cubes,
+#: chosen per scan to cover the working grid with the fewest voxels computed (overlap included): on a chest CT
+#: this halves the stage 1 work of fixed cubic tiles. Memory: about 0.3 kB per tile voxel on the CPU with the
+#: default channels, so about 1.2 GB for the default 128³ × 2.
+TILE_VOXELS_FACTOR = 2
+
+
+def _axis_tiles(n: int, count: int, overlap: int, divisor: int) -> tuple[int, list[int]]:
+    """Tile length (a multiple of ``divisor``) and evenly spaced starts of ``count`` tiles over ``n`` voxels that
+    overlap by at least ``overlap``; ``n`` is a multiple of ``divisor``."""
+    if count == 1:
+        return n, [0]
+    length = -(-(n + (count - 1) * overlap) // count)
+    length = -(-length // divisor) * divisor
+    return length, [round(t * (n - length) / (count - 1)) for t in range(count)]
+
+
+def tile_layout(shape: tuple[int, ...], tile: int, divisor: int) -> tuple[tuple[int, ...], list[list[int]]]:
+    """Box tiles for stage 1 over an image of ``shape`` ``[k, j, i]`` (each side a multiple of ``divisor``).
+
+    Among tilings with at most ``TILE_VOXELS_FACTOR * tile ** 3`` voxels per tile and an overlap of at least
+    ``tile // 4`` voxels between neighbours, the one computing the fewest voxels in all (then the fewest tiles).
+
+    Returns:
+        The tile shape ``[k, j, i]`` and, per axis, the tile starts.
+    """
+    overlap, budget = tile // 4, TILE_VOXELS_FACTOR * tile**3
+    best = None
+    for counts in itertools.product(range(1, 9), repeat=3):
+        axes = [_axis_tiles(n, c, overlap, divisor) for n, c in zip(shape, counts)]
+        lengths = tuple(a[0] for a in axes)
+        if any(length > n for length, n in zip(lengths, shape)) or int(np.prod(lengths)) > budget:
+            continue
+        cost = (int(np.prod(counts)) * int(np.prod(lengths)), int(np.prod(counts)))
+        if best is None or cost < best[0]:
+            best = (cost, lengths, [a[1] for a in axes])
+    if best is None:  # only for sides far beyond 8 tiles: fall back to cubic tiles of ``tile``
+        starts = [[*range(0, n - tile, tile - overlap), n - tile] if n > tile else [0] for n in shape]
+        return tuple(min(tile, n) for n in shape), starts
+    return best[1], best[2]
+
+
+def _for_inference(net: nn.Module, device: torch.device) -> nn.Module:
+    """An eval-mode copy of ``net`` on ``device`` with each BatchNorm folded into the convolution before it
+    (same outputs up to float rounding, one pass less over every feature map) and in-place ReLUs.
+
+    A copy, so that a model still being trained (validation during training) is left untouched.
+    """
+    net = copy.deepcopy(net).eval().to(device)
+    for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
+        layers = list(seq)
+        for i, (conv, bn) in enumerate(zip(layers, layers[1:])):
+            if isinstance(conv, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d) and bn.track_running_stats:
+                scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+                bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                fused = nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                  conv.dilation, conv.groups, bias=True).to(device)
+                with torch.no_grad():
+                    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1, 1))
+                    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias.detach())
+                seq[i], seq[i + 1] = fused, nn.Identity()
+        for i, layer in enumerate(seq):
+            if isinstance(layer, nn.ReLU):
+                seq[i] = nn.ReLU(inplace=True)
+    return net
 
 
 class Detector:
@@ -134,10 +196,17 @@ class Detector:
         self.name = name
         self.model.stage1.eval().to(self.device)
         self.model.stage2.eval().to(self.device)
+        # What inference runs: folded copies (see _for_inference), channels-last on the CPU.
+        self.stage1 = _for_inference(self.model.stage1, self.device)
+        self.stage2 = _for_inference(self.model.stage2, self.device)
         if self.device.type == "cpu":
-            self.model.stage1.to(memory_format=torch.channels_last_3d)
-            self.model.stage2.to(memory_format=torch.channels_last_3d)
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+            self.stage1.to(memory_format=torch.channels_last_3d)
+            self.stage2.to(memory_format=torch.channels_last_3d)
+            # Every CPU this process may use, unless OMP_NUM_THREADS says otherwise (torchrun sets it to 1
+            # per process when it starts several on one machine).
+            threads = os.environ.get("OMP_NUM_THREADS", "").strip()
+            torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
+                                  else max(1, len(os.sched_getaffinity(0))))
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str = "auto") -> Detector:
@@ -159,24 +228,23 @@ class Detector:
                         cancel: CancelCallback | None = None) -> np.ndarray:
         """Stage 1 on a normalised working-grid image ``[k, j, i]`` → probability ``float32 [k, j, i]``.
 
-        Runs in overlapping cubic tiles of ``Stage1Config.tile`` voxels, averaged where they overlap.
+        Runs in overlapping box tiles (``tile_layout``), averaged where they overlap.
         """
         div = self.model.stage1.divisor
-        tile = self.config.stage1.tile
-        pads = [(0, max(tile, -(-n // div) * div) - n if n < tile else (-n) % div) for n in image.shape]
+        pads = [(0, (-n) % div) for n in image.shape]
         padded = np.pad(image, pads, mode="constant", constant_values=0.0)
         acc = np.zeros(padded.shape, np.float32)
         cnt = np.zeros(padded.shape, np.float32)
-        starts = [_tile_starts(n, tile, tile // 4) for n in padded.shape]
+        (tz, ty, tx), starts = tile_layout(padded.shape, self.config.stage1.tile, div)
         boxes = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
         fmt = torch.channels_last_3d if self.device.type == "cpu" else torch.contiguous_format
         with torch.inference_mode(), self._autocast():
             for n, (z, y, x) in enumerate(boxes):
                 if cancel is not None and cancel():
                     raise Cancelled("detection cancelled")
-                sl = (slice(z, z + tile), slice(y, y + tile), slice(x, x + tile))
+                sl = (slice(z, z + tz), slice(y, y + ty), slice(x, x + tx))
                 t = torch.from_numpy(np.ascontiguousarray(padded[sl]))[None, None].to(self.device)
-                logits = self.model.stage1(t.to(memory_format=fmt))
+                logits = self.stage1(t.to(memory_format=fmt))
                 acc[sl] += torch.sigmoid(logits.float())[0, 0].cpu().numpy()
                 cnt[sl] += 1.0
                 if progress:
@@ -223,7 +291,7 @@ class Detector:
         with torch.inference_mode(), self._autocast():
             for b in range(0, len(patches), batch):
                 t = torch.from_numpy(patches[b : b + batch]).to(self.device).to(memory_format=fmt)
-                out.append(torch.sigmoid(self.model.stage2(t).float()).cpu().numpy())
+                out.append(torch.sigmoid(self.stage2(t).float()).cpu().numpy())
         return np.concatenate(out)
 
     def detect(self, volume: CTVolume, threshold: float | None = None,
