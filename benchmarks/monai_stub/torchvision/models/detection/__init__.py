@@ -1,0 +1,1 @@
+"""``torchvision.models.detection`` stand-in: only ``backbone_utils`` (see the package docstring)."""
