@@ -505,10 +505,26 @@ def evaluate_detector(dataset: str | os.PathLike, outdir: str | os.PathLike, mod
     report = {"dataset": str(ds.root), "layout": ds.layout, "model": str(model) if model else "shipped",
               "model_info": model_info, "device": device, "threshold": threshold,
               "scans": per_scan, "seconds_per_scan": {"mean": float(np.mean(seconds)), "max": float(np.max(seconds))},
+              "operating_point": operating_point(froc.matching, detector.threshold),
               "froc": froc.to_dict()}
     write_text_atomic(paths["report_json"], json.dumps(report, indent=2, default=str) + "\n", overwrite)
     write_text_atomic(paths["report_md"], _report_markdown(report, froc), overwrite)
     return paths
+
+
+def operating_point(matching: Matching, threshold: float) -> dict:
+    """Sensitivity and false positives per scan at one probability ``threshold`` (the model's default), with
+    every nodule's and mass's best probability (``None``: no candidate hit it)."""
+    def row(score: FindingScore) -> dict:
+        return _finding_dict(score) | {"probability": score.probability,
+                                       "found": score.probability is not None and score.probability >= threshold}
+
+    nodules = [row(s) for s in matching.nodules]
+    n_fp = int(np.sum(matching.fp_probability >= threshold))
+    return {"threshold": threshold,
+            "sensitivity": sum(r["found"] for r in nodules) / len(nodules) if nodules else None,
+            "false_positives": n_fp, "fp_per_scan": n_fp / len(matching.scans),
+            "nodules": nodules, "masses": [row(s) for s in matching.masses]}
 
 
 def _finding_dict(score: FindingScore) -> dict:
@@ -537,6 +553,13 @@ def _report_markdown(report: dict, froc: FROCResult) -> str:
                   f"| {title} | nodules | detected | sensitivity | at 1 FP/scan | CPM |", "|---|---|---|---|---|---|"]
         lines += [f"| {r[title] or '(none)'} | {r['nodules']} | {r['detected']} | {_fmt(r['sensitivity'])} | "
                   f"{_fmt(r.get('sensitivity_at_1fp'))} | {_fmt(r.get('cpm'))} |" for r in froc_dict[key]]
+    op = report["operating_point"]
+    lines += ["", f"At the model's default threshold {op['threshold']:.3f}: sensitivity {_fmt(op['sensitivity'])}, "
+              f"{op['false_positives']} false positives ({op['fp_per_scan']:.2f} per scan).", "",
+              "| finding | diameter mm | best probability | found at threshold |", "|---|---|---|---|"]
+    lines += [f"| {kind} {r['seriesuid']} ({', '.join(f'{v:.1f}' for v in r['center_lps'])}) | "
+              f"{r['diameter_mm']:.1f} | {_fmt(r['probability'])} | {'yes' if r['found'] else 'no'} |"
+              for kind, rows in (("nodule", op["nodules"]), ("mass", op["masses"])) for r in rows]
     missed = [s for s in froc.matching.nodules if not s.detected]
     lines += ["", f"Missed nodules: {len(missed)}"]
     lines += [f"- {s.finding.seriesuid} at ({', '.join(f'{v:.1f}' for v in s.finding.center_lps)}) mm LPS, "
