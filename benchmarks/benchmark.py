@@ -162,6 +162,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs of detect per scan; the median is reported")
     parser.add_argument("--monai-windows", type=int, default=1,
                         help="whole MONAI windows to time (each takes minutes on a CPU); 0: skip MONAI")
+    parser.add_argument("--monai-result", type=Path, default=None, metavar="JSON",
+                        help="use this earlier output of monai_window.py instead of timing MONAI in this run "
+                             "(recorded as such in the JSON; the targets then do not come from one run)")
     parser.add_argument("-o", "--output", type=Path, default=HERE / "results" / "benchmark.json")
     args = parser.parse_args()
 
@@ -174,10 +177,14 @@ def main() -> int:
         rows.append({"scan": scan.name.split(".")[0], "path": str(scan), "ours": ours, "floor": time_floor(scan),
                      "monai_windows": monai_windows(scan)})
     monai = None
-    if args.monai_windows > 0:
+    if args.monai_result:
+        monai = {**json.loads(args.monai_result.read_text()), "measured_in_this_run": False,
+                 "measured_file": str(args.monai_result)}
+    elif args.monai_windows > 0:
         print(f"MONAI: timing {args.monai_windows} window(s) of 512x512x192 (minutes each) ...", file=sys.stderr,
               flush=True)
-        monai = time_monai(args.monai_windows)
+        monai = {**time_monai(args.monai_windows), "measured_in_this_run": True}
+    if monai:
         per_window = sum(monai["seconds_per_window"]) / len(monai["seconds_per_window"])
     for row in rows:
         ours = row["ours"]
@@ -230,6 +237,13 @@ def table(report: dict) -> str:
     lines.append(f"Machine: {m['cpu']}, {m['cores_usable']} cores, {gb(m['memory_bytes'] or 0):.0f} GB, "
                  f"torch {m['torch']}; load average at start {m['load_average'][0]:.2f}, at end "
                  f"{report['load_average_end'][0]:.2f}. Targets met: {report['targets_met']}")
+    if report["monai"]:
+        mo = report["monai"]
+        lines.append(f"MONAI: {len(mo['seconds_per_window'])} window(s) timed, "
+                     f"{sum(mo['seconds_per_window']) / len(mo['seconds_per_window']) / 60:.1f} min each, peak "
+                     f"{gb(mo['peak_rss_bytes']):.1f} GB; "
+                     + ("measured in this run" if mo["measured_in_this_run"] else
+                        f"NOT measured in this run (from {mo['measured_file']})"))
     return "\n".join(lines)
 
 
