@@ -19,7 +19,7 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-TINY_SETTINGS = dict(stage1_steps=100, stage2_steps=60)
+TINY_SETTINGS = dict(stage1_steps=150, stage2_steps=60, vessels=4)
 
 
 def train_tiny_model(path: Path, seed: int = 0) -> Path:
@@ -43,7 +43,8 @@ def train_tiny_model(path: Path, seed: int = 0) -> Path:
         seed=seed,
         augment=False,
     )
-    model = train_model(phantom_cases(3, seed=1), NoduleModel.build(config, seed=seed), settings)
+    cases = phantom_cases(3, seed=1, n_vessels=TINY_SETTINGS["vessels"])
+    model = train_model(cases, NoduleModel.build(config, seed=seed), settings)
     return model.save(path)
 
 
