@@ -553,13 +553,14 @@ def _report_markdown(report: dict, froc: FROCResult) -> str:
                   f"| {title} | nodules | detected | sensitivity | at 1 FP/scan | CPM |", "|---|---|---|---|---|---|"]
         lines += [f"| {r[title] or '(none)'} | {r['nodules']} | {r['detected']} | {_fmt(r['sensitivity'])} | "
                   f"{_fmt(r.get('sensitivity_at_1fp'))} | {_fmt(r.get('cpm'))} |" for r in froc_dict[key]]
-    op = report["operating_point"]
-    lines += ["", f"At the model's default threshold {op['threshold']:.3f}: sensitivity {_fmt(op['sensitivity'])}, "
-              f"{op['false_positives']} false positives ({op['fp_per_scan']:.2f} per scan).", "",
-              "| finding | diameter mm | best probability | found at threshold |", "|---|---|---|---|"]
-    lines += [f"| {kind} {r['seriesuid']} ({', '.join(f'{v:.1f}' for v in r['center_lps'])}) | "
-              f"{r['diameter_mm']:.1f} | {_fmt(r['probability'])} | {'yes' if r['found'] else 'no'} |"
-              for kind, rows in (("nodule", op["nodules"]), ("mass", op["masses"])) for r in rows]
+    op = report.get("operating_point")
+    if op is not None:
+        lines += ["", f"At the model's default threshold {op['threshold']:.3f}: sensitivity {_fmt(op['sensitivity'])}, "
+                  f"{op['false_positives']} false positives ({op['fp_per_scan']:.2f} per scan).", "",
+                  "| finding | diameter mm | best probability | found at threshold |", "|---|---|---|---|"]
+        lines += [f"| {kind} {r['seriesuid']} ({', '.join(f'{v:.1f}' for v in r['center_lps'])}) | "
+                  f"{r['diameter_mm']:.1f} | {_fmt(r['probability'])} | {'yes' if r['found'] else 'no'} |"
+                  for kind, rows in (("nodule", op["nodules"]), ("mass", op["masses"])) for r in rows]
     missed = [s for s in froc.matching.nodules if not s.detected]
     lines += ["", f"Missed nodules: {len(missed)}"]
     lines += [f"- {s.finding.seriesuid} at ({', '.join(f'{v:.1f}' for v in s.finding.center_lps)}) mm LPS, "
