@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-
 from NoduleDetectionLib.cli import main
 from NoduleDetectionLib.io import write_volume
 from NoduleDetectionLib.synthetic import make_phantom
