@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 
@@ -236,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s: %(message)s")
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C / SIGINT stops a run cleanly (exit 130, checkpoint kept) even when the parent started this
+        # process with SIGINT ignored, as shells do for background jobs.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return int(args.func(args) or 0)
     except NoduleDetectionError as exc:
