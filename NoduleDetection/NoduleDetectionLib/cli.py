@@ -21,6 +21,13 @@ from .errors import NoduleDetectionError
 log = logging.getLogger("nodule_detection")
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--device``, shared by the commands that run the detector."""
+    p.add_argument("--model", default=None, metavar="FILE", help="model file (default: the shipped model)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the networks run (default: auto = cuda if available)")
+
+
 def _add_detect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "detect",
@@ -41,9 +48,7 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
     p.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="report nodules with probability >= P (default: the model's own threshold)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where the networks run (default: auto = cuda if available)")
-    p.add_argument("--model", default=None, metavar="FILE", help="model file (default: the shipped model)")
+    _add_model_options(p)
     p.add_argument("--series", default=None, metavar="UID",
                    help="SeriesInstanceUID to use when a DICOM folder holds several series")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -121,11 +126,9 @@ def _add_evaluate_detector(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dataset", metavar="DATASET", help="data set folder")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
-    p.add_argument("--model", default=None, metavar="FILE", help="model file (default: the shipped model)")
     p.add_argument("--threshold", type=float, default=0.0, metavar="P",
                    help="keep candidates with probability >= P (default 0: all, so the FROC covers the curve)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where the networks run (default: auto = cuda if available)")
+    _add_model_options(p)
     p.add_argument("--scans", default=None, metavar="LIST",
                    help="only these scans: seriesuids or ct/ entry names, one per line")
     _add_bootstrap_options(p)
