@@ -15,7 +15,7 @@
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "insert": null | {"lesions_per_scan": 20,
-"copies": 4, "seed": 1}}`` (a LUNA16 folder, a folder laid out like ``../shared/data``, a dataset exported
+"copies": 4, "seed": 1, "mix": {...}}}`` (a LUNA16 folder, a folder laid out like ``../shared/data``, a dataset exported
 from a Slicer scene, or a folder of unannotated scans), or ``{"phantoms": n, "seed": s}`` for synthetic
 phantoms (tests and smoke runs only).
 
@@ -24,7 +24,9 @@ the stage 1 target); ``excluded`` and ``mass`` rows are ignore regions of radius
 (point marks, ``d = -1``, get 5 mm: LIDC's point marks are nodules < 3 mm or non-nodule spots, and 5 mm
 covers them with a margin), so they are never positives nor negatives. With ``insert``, each scan is
 copied ``copies`` times and ``lesions_per_scan`` synthetic lesions (``lesions``) are inserted into its
-lungs, away from every known finding; the inserted masks are the targets. Seeds of training insertions
+lungs, away from every known finding; the inserted masks are the targets. ``mix`` overrides fields of
+``lesions.LesionMix`` (default: the LUNA16-like mix), e.g. ``{"median_diameter_mm": 9.0, "log_sigma": 0.7}`` to
+give larger lesions more weight in training. Seeds of training insertions
 stay below 1000; validation lesion sets use seeds from 1000 (``make-lesion-dataset``), so no validation
 lesion shape is ever seen in training.
 
@@ -52,7 +54,7 @@ from .datasets import Dataset
 from .detect import resolve_device
 from .errors import InputError, NoduleDetectionError
 from .io import read_ct
-from .lesions import avoid_radius_mm, insert_lesions, sample_lesion_specs
+from .lesions import LesionMix, avoid_radius_mm, insert_lesions, sample_lesion_specs
 from .models import ModelConfig, NoduleModel
 from .preprocess import lung_mask
 from .train import PreparedCase, StageSchedule, Trainer, TrainingCase, TrainSettings, phantom_cases, prepare_case
@@ -83,6 +85,7 @@ def load_config(path: str | os.PathLike) -> dict:
             if key == "train" and int(ins.get("seed", 0)) >= VALIDATION_SEED_BASE:
                 raise InputError(f"training insertion seeds must be below {VALIDATION_SEED_BASE} "
                                  f"(validation lesion sets use {VALIDATION_SEED_BASE} and above)")
+            lesion_mix(ins.get("mix") or {})
     if config.get("init_model") and not Path(config["init_model"]).is_absolute():
         config["init_model"] = str((base / config["init_model"]).resolve())
     return config
@@ -106,6 +109,14 @@ def settings_from_config(config: dict) -> TrainSettings:
     )
 
 
+def lesion_mix(fields: dict) -> LesionMix:
+    """A ``LesionMix`` from the ``mix`` fields of an ``insert`` entry (unknown fields: ``InputError``)."""
+    try:
+        return LesionMix(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except TypeError as exc:
+        raise InputError(f"bad lesion mix {fields}: {exc}") from None
+
+
 def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
     """Load the cases of one data source (see the module docs), inserting lesions if asked."""
     if "phantoms" in source:
@@ -122,10 +133,11 @@ def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
             cases.append(TrainingCase(volume, None, nodules, ignore, name=scan.seriesuid))
             continue
         lungs = lung_mask(volume).mask
+        mix = lesion_mix(insert.get("mix") or {})
         avoid = [(p, avoid_radius_mm(d)) for p, d in nodules] + ignore
         for copy in range(int(insert.get("copies", 1))):
             rng = np.random.default_rng([int(insert.get("seed", seed)), n, copy])
-            specs = sample_lesion_specs(int(insert.get("lesions_per_scan", 20)), rng)
+            specs = sample_lesion_specs(int(insert.get("lesions_per_scan", 20)), rng, mix)
             new, labels, inserted = insert_lesions(volume, lungs, specs, rng, avoid=avoid)
             # Real nodules of a host keep their (unknown) outline out of the loss: ignore, not target.
             lesions = [(np.array(x.center_lps), x.diameter_mm) for x in inserted]
