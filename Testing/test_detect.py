@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from NoduleDetectionLib.detect import Cancelled, Detector
+from NoduleDetectionLib.detect import Cancelled, Detector, fuse_scores
 from NoduleDetectionLib.errors import NoduleDetectionError
 from NoduleDetectionLib.synthetic import make_phantom
 
@@ -68,3 +68,10 @@ def test_bad_threshold_and_device(detector, phantom):
         detector.detect(phantom.volume, threshold=1.5)
     with pytest.raises(NoduleDetectionError, match="unknown device"):
         Detector(detector.model, device="tpu")
+
+
+def test_fuse_scores():
+    s1, s2 = np.array([1.0, 0.25, 0.5]), np.array([0.5, 1.0, 0.0])
+    np.testing.assert_allclose(fuse_scores(s1, s2, 1.0), s2)
+    np.testing.assert_allclose(fuse_scores(s1, s2, 0.0), s1)
+    np.testing.assert_allclose(fuse_scores(s1, s2, 0.5), [np.sqrt(0.5), 0.5, 0.0], rtol=1e-6)

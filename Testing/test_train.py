@@ -14,7 +14,7 @@ from NoduleDetectionLib.errors import InputError
 from NoduleDetectionLib.evaluate import Candidate
 from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.models import NoduleModel
-from NoduleDetectionLib.train import choose_threshold, sphere_mask
+from NoduleDetectionLib.train import STAGE_WEIGHTS, choose_threshold, sphere_mask
 from NoduleDetectionLib.train_run import load_config, run_training
 
 SHORT = {
@@ -46,6 +46,11 @@ def test_short_run_writes_a_loadable_model(tmp_path):
     model = NoduleModel.load(model_path)
     assert model.config.stage1.channels == (4, 8)
     assert model.config.card["training_lesions"] > 0
+    # The stage weight is the one with the best validation CPM (ties: the larger weight), and the card says so.
+    by_weight = {float(w): v for w, v in model.config.card["validation_cpm_by_stage2_weight"].items()}
+    assert sorted(by_weight) == list(STAGE_WEIGHTS)
+    assert model.config.stage2.weight == max(by_weight, key=lambda w: (round(by_weight[w], 6), w))
+    assert model.config.card["validation_cpm_inserted"] == by_weight[model.config.stage2.weight]
     assert "not a medical device" in (tmp_path / "run" / "model_card.md").read_text()
     records = _log(tmp_path / "run")
     assert [r["step"] for r in records if r["stage"] == "stage1"] == list(range(1, 7))

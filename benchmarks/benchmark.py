@@ -4,7 +4,7 @@ On one machine, in one run, for each scan (default: LIDC-IDRI-0002 and LIDC-IDRI
 
 * **ours**: ``nodule-detection detect SCAN -o TMP`` as a separate process: whole-process wall time, peak
   resident memory of that process (``wait4``), and wall time per stage from its log line
-  (``timings read=… preprocess=… stage1=… stage2=… postprocess=… write=…``); ``startup`` is the rest
+  (``timings read=… preprocess=… stage1=… masses=… stage2=… postprocess=… write=…``); ``startup`` is the rest
   (Python and library imports, model load);
 * **floor**: a process that only reads the scan with SimpleITK (no detector can beat it);
 * **MONAI**: the ``lung_nodule_ct_detection`` bundle's RetinaNet (3D ResNet50-FPN) on whole 512×512×192
@@ -48,7 +48,7 @@ MONAI_SPACING_XYZ = (0.703125, 0.703125, 1.25)
 MONAI_WINDOW_XYZ = (512, 512, 192)
 MONAI_OVERLAP = 0.25
 TARGETS = {"scan": "LIDC-IDRI-0002", "max_wall_s": 20.0, "max_peak_rss_gb": 3.0, "min_monai_over_ours": 50.0}
-STAGES = ("read", "preprocess", "stage1", "stage2", "postprocess", "write")
+STAGES = ("read", "preprocess", "stage1", "masses", "stage2", "postprocess", "write")
 TIMINGS_LINE = re.compile(r"timings ((?:\w+=[\d.]+ ?)+) s$", re.MULTILINE)
 
 

@@ -29,8 +29,9 @@ from torch import nn
 from .errors import NoduleDetectionError
 from .geometry import Geometry
 from .io import validate_ct
+from .masses import find_masses
 from .models import ModelConfig, NoduleModel, shipped_model_path
-from .preprocess import normalize_hu, prepare, sample_patches
+from .preprocess import Prepared, normalize_hu, prepare, sample_patches
 from .volume import CTVolume
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ class Nodule:
         center_lps: centre in world LPS mm ``(x, y, z)``.
         diameter_mm: equivalent-sphere diameter of its outline in mm.
         volume_mm3: volume of its outline in mm³.
-        probability: stage 2 probability that it is a nodule (0..1).
+        probability: probability that it is a nodule (0..1; ``fuse_scores`` of both stages); 1 for a mass found
+            by morphology (``masses.find_masses``).
         kind: ``"nodule"``, or ``"mass"`` when larger than the model's mass diameter (30 mm).
     """
 
@@ -99,6 +101,13 @@ class Candidate:
     center_lps: np.ndarray
     diameter_mm: float
     score: float
+
+
+def fuse_scores(stage1: np.ndarray, stage2: np.ndarray, weight: float) -> np.ndarray:
+    """A finding's probability from its stage 1 score and stage 2 probability: ``s1 ** (1 - w) * s2 ** w``."""
+    s1 = np.asarray(stage1, dtype=np.float64)
+    s2 = np.asarray(stage2, dtype=np.float64)
+    return (s1 ** (1.0 - weight) * s2**weight).astype(np.float32)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -294,13 +303,32 @@ class Detector:
                 out.append(torch.sigmoid(self.stage2(t).float()).cpu().numpy())
         return np.concatenate(out)
 
+    def masses(self, prep: Prepared, prob: np.ndarray, regions: np.ndarray) -> list[Candidate]:
+        """Masses (``masses.find_masses``) of a prepared scan as candidates with score 1.
+
+        Each mass becomes a region of ``regions`` (a new id, overwriting stage 1 regions there) with
+        probability 1 in ``prob``; both arrays are changed in place.
+        """
+        out = []
+        for mask in find_masses(prep.image, prep.lung, prep.geometry, self.config.hu_window,
+                                self.config.mass_diameter_mm):
+            region = int(regions.max()) + 1
+            regions[mask] = region
+            prob[mask] = 1.0
+            voxels = np.argwhere(mask)
+            centre = prep.geometry.index_to_lps(voxels.mean(axis=0)[::-1])
+            diameter = float((6.0 * len(voxels) * np.prod(prep.geometry.spacing) / np.pi) ** (1.0 / 3.0))
+            out.append(Candidate(region, centre, diameter, 1.0))
+        return out
+
     def detect(self, volume: CTVolume, threshold: float | None = None,
                progress: ProgressCallback | None = None, cancel: CancelCallback | None = None) -> DetectionResult:
         """Find nodules in ``volume``.
 
         Args:
             volume: CT in HU with its LPS geometry.
-            threshold: report findings with stage 2 probability ≥ this (default: the model's threshold).
+            threshold: report findings with probability ≥ this (default: the model's threshold); a finding's
+                probability is ``fuse_scores`` of its two stages' outputs.
             progress: called with ``(stage name, fraction done)``.
             cancel: polled between steps; returning true raises ``Cancelled``.
 
@@ -330,15 +358,26 @@ class Detector:
         timings["stage1"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        step("masses", 0.0)
+        masses = self.masses(prep, prob, regions)
+        if masses:  # stage 1 candidates centred in a mass are part of it
+            mass_ids = {m.region for m in masses}
+            kji = np.round(prep.geometry.lps_to_index(np.array([c.center_lps for c in cands]).reshape(-1, 3)))
+            kji = np.clip(kji[:, ::-1].astype(int), 0, np.array(regions.shape) - 1)
+            cands = [c for c, (k, j, i) in zip(cands, kji) if int(regions[k, j, i]) not in mass_ids]
+        timings["masses"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         step("stage 2 (3D CNN)", 0.0)
         centres = np.array([c.center_lps for c in cands]).reshape(-1, 3)
-        p2 = self.classify(volume, centres)
+        p2 = fuse_scores([c.score for c in cands], self.classify(volume, centres), self.config.stage2.weight)
         timings["stage2"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         step("outlining nodules", 0.0)
         kept = [(c, float(p)) for c, p in zip(cands, p2) if p >= threshold]
         kept.sort(key=lambda cp: (-cp[1], -cp[0].score))
+        kept = [(m, 1.0) for m in masses] + kept
         nodules, label_map = self._outline(volume, prep, prob, regions, kept)
         timings["postprocess"] = time.perf_counter() - t0
         step("done", 1.0)

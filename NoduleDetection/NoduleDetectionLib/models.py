@@ -51,11 +51,16 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
-    """Classifier settings: ``patch`` voxels per edge at each spacing in ``scales_mm`` (fine first)."""
+    """Classifier settings: ``patch`` voxels per edge at each spacing in ``scales_mm`` (fine first).
+
+    ``weight`` sets a finding's probability from its stage 1 score ``s1`` and stage 2 probability ``s2`` as
+    ``s1 ** (1 - weight) * s2 ** weight`` (1: stage 2 alone); training picks it on validation data.
+    """
 
     patch: int = 24
     scales_mm: tuple[float, ...] = (1.0, 2.5)
     channels: tuple[int, ...] = (16, 32, 64)
+    weight: float = 1.0
 
 
 @dataclass

@@ -100,7 +100,7 @@ def detect_volume_to_files(
 
     ``read_s`` (seconds the caller spent reading ``volume``) is recorded as ``timings["read"]``; the
     result's ``timings`` also get ``"write"``, and one log line lists every stage's wall time in seconds
-    (``<name>: timings read=… preprocess=… stage1=… stage2=… postprocess=… write=… s``), which the
+    (``<name>: timings read=… preprocess=… stage1=… masses=… stage2=… postprocess=… write=… s``), which the
     benchmark reads.
 
     Returns:

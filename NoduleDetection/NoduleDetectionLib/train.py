@@ -15,7 +15,9 @@ Each stage is validated every ``validate_every`` steps by the CPM of the project
 the validation cases (stage 1 alone scores candidates by its own probability); the best weights are
 kept, and a stage stops early after ``patience`` validations without improvement or when its share of
 the time budget is spent. Training state is checkpointed so that an interrupted run resumes where it
-stopped. Under ``torchrun`` the networks are wrapped in ``DistributedDataParallel``; every rank draws its
+stopped. At the end, the weight of stage 2 against stage 1 in a finding's probability
+(``Stage2Config.weight``, see ``detect.fuse_scores``) is the one of ``STAGE_WEIGHTS`` with the best validation
+CPM, and the default threshold is set for it on the same validation cases. Under ``torchrun`` the networks are wrapped in ``DistributedDataParallel``; every rank draws its
 own samples, and rank 0 writes the files.
 
 The same code trains the tiny test models on phantoms and the shipped model on real host scans.
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 from .augment import Compose, RandomAffine, RandomFlip, RandomIntensity, RandomNoise, RandomRot90, RandomSliceThickness
 from .datasets import Finding
-from .detect import Detector
+from .detect import Detector, fuse_scores
 from .evaluate import Candidate as EvalCandidate
 from .evaluate import evaluate
 from .models import NoduleModel
@@ -219,18 +221,36 @@ def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.r
     return Stage2Samples(np.array(case_ids, int), np.array(centres, float).reshape(-1, 3), np.array(labels, int))
 
 
-def validation_candidates(model: NoduleModel, cases: Sequence[PreparedCase], use_stage2: bool,
-                          device: str = "cpu") -> list[EvalCandidate]:
-    """Candidates of the detector (stage 1 alone, or both stages) on validation cases, for scoring."""
+@dataclass
+class ValidationScores:
+    """Stage 1 candidates of the validation cases: scan name, centre (LPS mm), stage 1 score, stage 2 probability."""
+
+    scans: list[str]
+    centers: np.ndarray
+    stage1: np.ndarray
+    stage2: np.ndarray
+
+    def candidates(self, weight: float | None) -> list[EvalCandidate]:
+        """As evaluation candidates scored by stage 1 alone (``None``) or ``fuse_scores`` with ``weight``."""
+        p = self.stage1 if weight is None else fuse_scores(self.stage1, self.stage2, weight)
+        return [EvalCandidate(s, tuple(map(float, xyz)), float(v)) for s, xyz, v in zip(self.scans, self.centers, p)]
+
+
+def validation_scores(model: NoduleModel, cases: Sequence[PreparedCase], use_stage2: bool,
+                      device: str = "cpu") -> ValidationScores:
+    """Both stages' outputs on the candidates of the validation cases (stage 2: zeros unless ``use_stage2``)."""
     detector = Detector(model, device=device)
-    out = []
+    scans, centres, s1, s2 = [], [], [], []
     for c in cases:
         prob = detector.probability_map(c.prep.image)
         cands, _ = detector.candidates(prob, c.prep.lung, c.prep.geometry)
-        centres = np.array([x.center_lps for x in cands]).reshape(-1, 3)
-        scores = detector.classify(c.case.volume, centres) if use_stage2 else [x.score for x in cands]
-        out += [EvalCandidate(c.case.name, tuple(map(float, xyz)), float(p)) for xyz, p in zip(centres, scores)]
-    return out
+        xyz = np.array([x.center_lps for x in cands]).reshape(-1, 3)
+        scans += [c.case.name] * len(cands)
+        centres.append(xyz)
+        s1 += [x.score for x in cands]
+        s2.append(detector.classify(c.case.volume, xyz) if use_stage2 else np.zeros(len(cands), np.float32))
+    return ValidationScores(scans, np.concatenate(centres) if centres else np.zeros((0, 3)),
+                            np.asarray(s1, np.float32), np.concatenate(s2) if s2 else np.zeros(0, np.float32))
 
 
 def validation_findings(cases: Sequence[PreparedCase]) -> list[Finding]:
@@ -253,6 +273,9 @@ def choose_threshold(findings: Sequence[Finding], candidates: Sequence[EvalCandi
 
 
 StepHook = Callable[[str, int, int, float], bool]
+
+#: Stage 2 weights (``Stage2Config.weight``) tried on the validation data at the end of training.
+STAGE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 class Trainer:
@@ -280,6 +303,7 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.started = time.perf_counter()
         self.history: list[dict] = []
+        self.weight_cpm: dict[float, float] = {}  # validation CPM per stage 2 weight (``choose_threshold``)
         self.val_findings = validation_findings(self.val_cases)
         self._format = torch.channels_last_3d if self.device.type == "cpu" else torch.contiguous_format
 
@@ -307,7 +331,8 @@ class Trainer:
             return None
         self.model.stage1.eval()
         self.model.stage2.eval()
-        cands = validation_candidates(self.model, self.val_cases, use_stage2, device=str(self.device))
+        scores = validation_scores(self.model, self.val_cases, use_stage2, device=str(self.device))
+        cands = scores.candidates(self.model.config.stage2.weight if use_stage2 else None)
         scans = [c.case.name for c in self.val_cases]
         return evaluate(self.val_findings, cands, scans, n_bootstrap=0).cpm
 
@@ -431,12 +456,19 @@ class Trainer:
         return samples
 
     def choose_threshold(self) -> float | None:
-        """Set and return the default threshold from the validation cases (``None`` without them)."""
-        if not self.val_cases:
+        """Pick the stage weight (``Stage2Config.weight``) with the best validation CPM, then the default threshold
+        for it; set both in the model config and return the threshold (``None`` without validation cases)."""
+        if not self.val_cases or not self.val_findings:
             return None
-        cands = validation_candidates(self.model, self.val_cases, True, device=str(self.device))
-        t = choose_threshold(self.val_findings, cands, [c.case.name for c in self.val_cases],
-                             self.settings.target_fp_per_scan)
+        scores = validation_scores(self.model, self.val_cases, True, device=str(self.device))
+        scans = [c.case.name for c in self.val_cases]
+        cpm = {w: evaluate(self.val_findings, scores.candidates(w), scans, n_bootstrap=0).cpm for w in STAGE_WEIGHTS}
+        weight = max(STAGE_WEIGHTS, key=lambda w: (round(cpm[w], 6), w))  # ties: more weight on stage 2
+        log.info("validation CPM by stage 2 weight: %s; chosen %.2f",
+                 ", ".join(f"{w:.2f}: {v:.3f}" for w, v in cpm.items()), weight)
+        self.weight_cpm = cpm
+        self.model.config.stage2.weight = weight
+        t = choose_threshold(self.val_findings, scores.candidates(weight), scans, self.settings.target_fp_per_scan)
         self.model.config.threshold = t
         return t
 

@@ -276,7 +276,7 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
         trainer_state = None
     samples = trainer.train_stage2(trainer_state, checkpoint)
     threshold = trainer.choose_threshold()
-    final_cpm = trainer.validate(use_stage2=True)
+    final_cpm = trainer.weight_cpm.get(model.config.stage2.weight)
     for bar in bars.values():
         bar.close()
     seconds = elapsed0 + time.perf_counter() - t0
@@ -297,6 +297,8 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
         "validation_cases": [c.case.name for c in val_cases],
         "validation_lesions": int(sum(len(c.case.lesions) for c in val_cases)),
         "validation_cpm_inserted": final_cpm,
+        "stage2_weight": model.config.stage2.weight,
+        "validation_cpm_by_stage2_weight": {f"{w:g}": v for w, v in trainer.weight_cpm.items()},
         "threshold": threshold if threshold is not None else model.config.threshold,
         "threshold_rule": f"lowest probability with <= {settings.target_fp_per_scan} false positives per "
                           "validation scan (inserted-lesion validation cases)",
