@@ -17,8 +17,8 @@ kept, and a stage stops early after ``patience`` validations without improvement
 the time budget is spent. Training state is checkpointed so that an interrupted run resumes where it
 stopped. At the end, the weight of stage 2 against stage 1 in a finding's probability
 (``Stage2Config.weight``, see ``detect.fuse_scores``) is the one of ``STAGE_WEIGHTS`` with the best validation
-CPM, and the default threshold is set for it on the same validation cases. Under ``torchrun`` the networks are wrapped in ``DistributedDataParallel``; every rank draws its
-own samples, and rank 0 writes the files.
+CPM, and the default threshold is set for it on the same validation cases. Under ``torchrun`` the networks
+are wrapped in ``DistributedDataParallel``; every rank draws its own samples, and rank 0 writes the files.
 
 The same code trains the tiny test models on phantoms and the shipped model on real host scans.
 """
