@@ -24,17 +24,19 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pydicom
 import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
 from .atomic import atomic_path
 from .errors import InputError, OutputError
 from .geometry import Geometry
 from .volume import AIR_HU, CTVolume
+
+if TYPE_CHECKING:
+    import pydicom
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None, max_bytes: i
         if series_uid is not None:
             raise InputError(f"{path}: a series UID can only be chosen in a DICOM folder, not in a single file")
         volume = _read_image_file(path, limit)
-    elif path.suffix.lower() == ".dcm" or pydicom.misc.is_dicom(path):
+    elif path.suffix.lower() == ".dcm" or _is_dicom_file(path):
         raise InputError(f"{path} is a single DICOM file; pass the folder that holds the whole series")
     else:
         raise InputError(
@@ -270,8 +272,17 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, max_bytes: int) -> 
     return _to_ct_volume(image, folder.name, uid, metadata, padding_hu=_padding_hu(first))
 
 
+def _is_dicom_file(path: Path) -> bool:
+    import pydicom  # imported where needed (as in _scan_dicom): it costs a third of a second at start-up
+
+    return bool(pydicom.misc.is_dicom(path))
+
+
 def _scan_dicom(folder: Path) -> tuple[dict[str, list[tuple[Path, pydicom.Dataset]]], int]:
     """Group the DICOM image files under ``folder`` by SeriesInstanceUID; also count the files looked at."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     series: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
     n_files = 0
     for root, dirs, names in os.walk(folder):

@@ -35,6 +35,7 @@ import csv
 import io
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,9 @@ _WINDOW = (-600.0 - 750.0, -600.0 + 750.0)
 #: At most this many nodules (rows) in the figure; the note in its title says how many were left out.
 MAX_FIGURE_ROWS = 20
 _FIGURE_PIXELS = 96
+#: Size of one view in the figure (pixels; each sampled pixel drawn 2 × 2) and the space around views.
+_PANEL_PIXELS = 2 * _FIGURE_PIXELS
+_MARGIN = 8
 
 CSV_COLUMNS = (
     "seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm", "volume_mm3", "kind", "label",
@@ -365,37 +369,62 @@ def _sample_view(volume: CTVolume, label_map: np.ndarray, center_lps: np.ndarray
     return image.reshape(rows.shape), labels.reshape(rows.shape)
 
 
+def _text_block(draw, xy: tuple[int, int], lines: list[tuple[str, int, tuple]], width: int) -> int:
+    """Draw ``(text, font size, colour)`` lines wrapped to ``width`` pixels from ``xy``; return the y below them."""
+    from PIL import ImageFont
+
+    x, y = xy
+    for text, size, color in lines:
+        font = ImageFont.load_default(size=size)
+        for line in textwrap.wrap(text, max(20, int(width / (0.55 * size)))) or [""]:
+            draw.text((x, y), line, fill=color, font=font)
+            y += int(size * 1.3)
+    return y
+
+
+def _panel(image: np.ndarray, mask: np.ndarray, color: tuple[float, float, float]):
+    """One view: lung-window grey levels with the finding's outline in ``color``, ``_PANEL_PIXELS`` square."""
+    from PIL import Image
+    from scipy.ndimage import binary_erosion
+
+    grey = np.clip((image - _WINDOW[0]) / (_WINDOW[1] - _WINDOW[0]) * 255.0, 0, 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    if mask.any() and not mask.all():
+        rgb[mask & ~binary_erosion(mask)] = [round(255 * c) for c in color]
+    return Image.fromarray(rgb).resize((_PANEL_PIXELS, _PANEL_PIXELS), Image.NEAREST)
+
+
 def _write_figure(result: Any, volume: CTVolume, path: Path) -> None:
-    from matplotlib.figure import Figure
+    """PNG with one row per finding (axial, coronal, sagittal views; drawn with Pillow, which starts fast)."""
+    from PIL import Image, ImageDraw
 
     nodules = list(result.nodules)
     shown = nodules[:MAX_FIGURE_ROWS]
-    if not shown:
-        figure = Figure(figsize=(6, 2.5), dpi=100)
-        ax = figure.add_subplot()
-        ax.axis("off")
-        message = f"{result.name}: no nodules found above the threshold (p >= {result.threshold:.2f})"
-        ax.text(0.5, 0.6, message, ha="center", va="center")
-        ax.text(0.5, 0.3, DISCLAIMER, ha="center", va="center", fontsize=7, color="gray")
-        figure.savefig(path, format="png")
-        return
+    width = 3 * _PANEL_PIXELS + 4 * _MARGIN
+    if shown:
+        title = f"{result.name}: {len(nodules)} finding(s), lung window W1500/L-600"
+        if len(nodules) > len(shown):
+            title += f" (showing the {len(shown)} most probable)"
+    else:
+        title = f"{result.name}: no nodules found above the threshold (p >= {result.threshold:.2f})"
+    header = [(title, 14, (0, 0, 0)), (DISCLAIMER, 11, (110, 110, 110))]
+    row_height = 2 * int(12 * 1.3) + _PANEL_PIXELS + 2 * _MARGIN
+    probe = ImageDraw.Draw(Image.new("RGB", (width, 10)))
+    top = _text_block(probe, (_MARGIN, _MARGIN), header, width - 2 * _MARGIN) + _MARGIN
+    figure = Image.new("RGB", (width, top + row_height * len(shown)), (255, 255, 255))
+    draw = ImageDraw.Draw(figure)
+    _text_block(draw, (_MARGIN, _MARGIN), header, width - 2 * _MARGIN)
     label_map = np.asarray(result.label_map)
-    figure = Figure(figsize=(9, 3.2 * len(shown) + 0.6), dpi=100, layout="constrained")
-    axes = figure.subplots(len(shown), 3, squeeze=False)
-    for row, nodule in zip(axes, shown):
+    for row, nodule in enumerate(shown):
         size_mm = max(40.0, 2.5 * float(nodule.diameter_mm))
         color = _COLORS[(nodule.label - 1) % len(_COLORS)]
-        for ax, view in zip(row, _VIEWS):
+        y = top + row * row_height
+        for column, view in enumerate(_VIEWS):
+            x = _MARGIN + column * (_PANEL_PIXELS + _MARGIN)
             image, labels = _sample_view(volume, label_map, np.asarray(nodule.center_lps), size_mm, view)
-            ax.imshow(image, cmap="gray", vmin=_WINDOW[0], vmax=_WINDOW[1], interpolation="nearest")
-            mask = labels == nodule.label
-            if mask.any() and not mask.all():
-                ax.contour(mask.astype(float), levels=[0.5], colors=[color], linewidths=1.0)
-            ax.set_title(f"N{nodule.label}  {nodule_description(nodule)}\n{view[0]}, {size_mm:.0f} mm", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    title = f"{result.name}: {len(nodules)} finding(s), lung window W1500/L-600"
-    if len(nodules) > len(shown):
-        title += f" (showing the {len(shown)} most probable)"
-    figure.suptitle(f"{title}\n{DISCLAIMER}", fontsize=9)
-    figure.savefig(path, format="png")
+            caption = [(f"N{nodule.label}  {nodule_description(nodule)}", 12, (0, 0, 0)),
+                       (f"{view[0]}, {size_mm:.0f} mm", 12, (0, 0, 0))]
+            below = _text_block(draw, (x, y), caption, _PANEL_PIXELS)
+            figure.paste(_panel(image, labels == nodule.label, color), (x, below))
+    with open(path, "wb") as f:
+        figure.save(f, format="PNG")
