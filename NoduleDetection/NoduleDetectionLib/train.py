@@ -7,9 +7,11 @@ neither positive nor negative, e.g. LUNA16's excluded findings). ``Trainer`` tra
    the lungs, augmented (flips, axial quarter turns, small rotations and scaling, slice thickness,
    intensity and noise); loss = binary cross-entropy + soft Dice, ignore regions masked out of both.
 2. **Stage 2** (3D CNN): stage 1 runs over every case; its candidates that fall on a lesion are
-   positives, the others (vessels, airways, pleura of the real host scans) are the mined hard negatives,
-   and candidates inside ignore regions are dropped. True lesion centres (jittered) are added as
-   positives. Loss = binary cross-entropy on class-balanced, augmented batches.
+   positives, the others are the mined hard negatives, and candidates inside ignore regions are dropped.
+   True lesion centres (jittered) are added as positives, and points of the host's own tissue inside the
+   lung mask (vessels, airway walls, fissures, pleura, over ``DENSE_HU``; and parenchyma) as negatives, since
+   a stage 1 that has learnt its few training hosts proposes little else than their lesions there.
+   Loss = binary cross-entropy on class-balanced, augmented batches.
 
 Each stage is validated every ``validate_every`` steps by the CPM of the project's LUNA16 evaluator on
 the validation cases (stage 1 alone scores candidates by its own probability); the best weights are
@@ -186,11 +188,25 @@ def stage2_augmentation(spacing_mm: float) -> Compose:
 
 @dataclass
 class Stage2Samples:
-    """Candidate centres (LPS mm) with labels 1 (lesion) / 0 (hard negative), and their case index."""
+    """Sample centres (LPS mm) for stage 2 with labels 1 (lesion) / 0 (negative), their case index, and their
+    source (``SAMPLE_SOURCES``: lesion, stage 1 candidate, dense tissue, lung parenchyma)."""
 
     case: np.ndarray
     centers: np.ndarray
     labels: np.ndarray
+    source: np.ndarray
+
+    def counts(self) -> dict[str, int]:
+        """How many samples of each source (and of each label among the stage 1 candidates)."""
+        out = {f"{name}": int((self.source == i).sum()) for i, name in enumerate(SAMPLE_SOURCES)}
+        out["candidate_hits"] = int(((self.source == 1) & (self.labels == 1)).sum())
+        return out
+
+
+#: Where stage 2 samples come from (``Stage2Samples.source``).
+SAMPLE_SOURCES = ("lesion", "stage1_candidate", "dense_tissue", "parenchyma")
+#: Tissue denser than this (HU) inside the lung mask: vessels, airway walls, fissures, pleura.
+DENSE_HU = -500.0
 
 
 def _hits(center: np.ndarray, balls: Sequence[tuple[np.ndarray, float]], min_radius: float = 0.0) -> bool:
@@ -198,10 +214,16 @@ def _hits(center: np.ndarray, balls: Sequence[tuple[np.ndarray, float]], min_rad
 
 
 def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.random.Generator,
-                    device: str = "cpu", jitter_mm: float = 2.0, positives_per_lesion: int = 4) -> Stage2Samples:
-    """Run stage 1 over every case and label its candidates (a hit lies within a lesion's radius)."""
+                    device: str = "cpu", jitter_mm: float = 2.0, positives_per_lesion: int = 4,
+                    dense_per_case: int = 150, parenchyma_per_case: int = 50) -> Stage2Samples:
+    """Stage 2 samples of every case: stage 1's candidates (a hit lies within a lesion's radius), jittered
+    lesion centres, and negatives drawn from the host's own tissue inside the lung mask (``dense_per_case``
+    points of tissue over ``DENSE_HU``, ``parenchyma_per_case`` points anywhere), away from lesions and
+    ignore regions. The tissue negatives matter most when stage 1 has learnt the training hosts so well that it
+    proposes almost nothing but the lesions there, as it does with one host scan."""
     detector = Detector(model, device=device)
-    case_ids, centres, labels = [], [], []
+    lo, hi = model.config.hu_window
+    rows: list[tuple[int, np.ndarray, int, int]] = []  # case, centre, label, source
     for n, c in enumerate(cases):
         prob = detector.probability_map(c.prep.image)
         cands, _ = detector.candidates(prob, c.prep.lung, c.prep.geometry)
@@ -210,15 +232,22 @@ def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.r
             hit = _hits(cand.center_lps, lesion_balls, MIN_HIT_RADIUS_MM)
             if not hit and _hits(cand.center_lps, c.case.ignore):
                 continue
-            case_ids.append(n)
-            centres.append(cand.center_lps)
-            labels.append(int(hit))
+            rows.append((n, np.asarray(cand.center_lps), int(hit), 1))
         for p, _d in c.case.lesions:
             for _ in range(positives_per_lesion):
-                case_ids.append(n)
-                centres.append(np.asarray(p) + np.clip(rng.normal(0, jitter_mm / 2, 3), -jitter_mm, jitter_mm))
-                labels.append(1)
-    return Stage2Samples(np.array(case_ids, int), np.array(centres, float).reshape(-1, 3), np.array(labels, int))
+                rows.append((n, np.asarray(p) + np.clip(rng.normal(0, jitter_mm / 2, 3), -jitter_mm, jitter_mm), 1, 0))
+        clear = [(p, d / 2 + 3.0) for p, d in c.case.lesions] + list(c.case.ignore)
+        dense = c.prep.lung & (c.prep.image >= (DENSE_HU - lo) / (hi - lo))
+        for source, mask, count in ((2, dense, dense_per_case), (3, c.prep.lung, parenchyma_per_case)):
+            voxels = np.argwhere(mask)
+            if len(voxels) == 0 or count == 0:
+                continue
+            picked = voxels[rng.choice(len(voxels), min(count, len(voxels)), replace=False)]
+            for p in c.prep.geometry.index_to_lps(picked[:, ::-1].astype(float)).reshape(-1, 3):
+                if not _hits(p, clear):
+                    rows.append((n, p, 0, source))
+    return Stage2Samples(np.array([r[0] for r in rows], int), np.array([r[1] for r in rows], float).reshape(-1, 3),
+                         np.array([r[2] for r in rows], int), np.array([r[3] for r in rows], int))
 
 
 @dataclass
@@ -429,7 +458,7 @@ class Trainer:
         samples = mine_candidates(self.model, self.train_cases, np.random.default_rng(s.seed + 2), str(self.device))
         pos = np.flatnonzero(samples.labels == 1)
         neg = np.flatnonzero(samples.labels == 0)
-        log.info("stage 2: %d positives, %d mined negatives", len(pos), len(neg))
+        log.info("stage 2: %d positives, %d negatives (%s)", len(pos), len(neg), samples.counts())
         if len(pos) == 0:
             raise ValueError("no positive samples for stage 2: the training cases have no lesions")
         augs = [stage2_augmentation(sc) if s.augment else None for sc in cfg.scales_mm]
