@@ -1,5 +1,5 @@
 """Tests of ``writers``: every output is read back by an independent reader (slicer-core MRML storage nodes,
-slicerio, csv, json, matplotlib) on a small synthetic CT whose direction matrix is oblique and flipped."""
+slicerio, csv, json, Pillow) on a small synthetic CT whose direction matrix is oblique and flipped."""
 
 from __future__ import annotations
 
@@ -221,13 +221,19 @@ def test_summary_json(case, tmp_path):
 
 
 def test_figure_size(case, empty_case, tmp_path):
-    from matplotlib.image import imread
+    from PIL import Image
 
     result, volume = case
-    image = imread(writers.write_figure(result, volume, tmp_path / "f.png"))
-    assert image.shape[1] == 900 and image.shape[0] > 3 * 300  # 3 columns, one row per nodule
+    with Image.open(writers.write_figure(result, volume, tmp_path / "f.png")) as im:
+        image = np.asarray(im.convert("RGB"))
+    # 3 columns of 2 x 96 px views with 8 px margins; one row of views per nodule under the title
+    assert image.shape[1] == 3 * 192 + 4 * 8 and image.shape[0] > 3 * 192
+    for label in (1, 2, 3):  # every nodule's outline is drawn in its colour
+        colour = [round(255 * c) for c in writers._COLORS[label - 1]]
+        assert (image == colour).all(axis=2).any(), label
     empty, empty_volume = empty_case
-    assert imread(writers.write_figure(empty, empty_volume, tmp_path / "e.png")).shape[:2] == (250, 600)
+    with Image.open(writers.write_figure(empty, empty_volume, tmp_path / "e.png")) as im:
+        assert im.size[0] == 3 * 192 + 4 * 8 and im.size[1] < 120  # the title and the note only
 
 
 @pytest.mark.parametrize(
