@@ -14,9 +14,12 @@ On one machine, in one run, for each scan (default: LIDC-IDRI-0002 and LIDC-IDRI
   times that number, i.e. **extrapolated** from the windows timed (``--monai-windows``, default 1), and the
   JSON says so. Only the network is timed (no resampling, no box decoding), which understates MONAI.
 
+* **accuracy**: ``nodule-detection evaluate-detector`` on the real validation scans with the same model; its CPM
+  must lie within 0.01 of the model card's (``Resources/Models/evaluation_real/froc.json``).
+
 Prints a table and writes ``benchmarks/results/benchmark.json`` with the machine, every figure, the ratios
 (ours / floor, MONAI / ours) and whether the targets are met on LIDC-IDRI-0002 (the whole detect process in at
-most 20 s and 3 GB, at least 50× faster than MONAI's network). Run it on a quiet machine::
+most 20 s and 3 GB, at least 50× faster than MONAI's network, accuracy unchanged). Run it on a quiet machine::
 
     benchmarks/setup_monai_env.sh                    # once
     .venv/bin/python benchmarks/benchmark.py --model Resources/Models/nodule_detector.safetensors
@@ -47,6 +50,10 @@ MONAI_PYTHON = HERE / ".venv-monai" / "bin" / "python"
 MONAI_SPACING_XYZ = (0.703125, 0.703125, 1.25)
 MONAI_WINDOW_XYZ = (512, 512, 192)
 MONAI_OVERLAP = 0.25
+VALIDATION_DATA = REPO.parent / "shared" / "data"
+VALIDATION_LIST = REPO / "Resources" / "Models" / "validation_scans.txt"
+#: The accuracy target: the validation CPM within this of the model card's.
+ACCURACY_TOLERANCE = 0.01
 TARGETS = {"scan": "LIDC-IDRI-0002", "max_wall_s": 20.0, "max_peak_rss_gb": 3.0, "min_monai_over_ours": 50.0}
 STAGES = ("read", "preprocess", "stage1", "masses", "stage2", "postprocess", "write")
 TIMINGS_LINE = re.compile(r"timings ((?:\w+=[\d.]+ ?)+) s$", re.MULTILINE)
@@ -133,6 +140,26 @@ def time_monai(windows: int) -> dict:
     return result
 
 
+def check_accuracy(model: Path | None, device: str, reference: Path) -> dict:
+    """CPM of ``evaluate-detector`` on the real validation scans now, against the model card's figure."""
+    print("accuracy: evaluate-detector on the validation scans ...", file=sys.stderr, flush=True)
+    outdir = Path(tempfile.mkdtemp(prefix="nd-bench-eval-"))
+    try:
+        script = Path(sys.executable).with_name("nodule-detection")
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "NoduleDetectionLib.cli"]
+        cmd += ["evaluate-detector", str(VALIDATION_DATA), "--scans", str(VALIDATION_LIST), "-o", str(outdir / "e"),
+                "--device", device] + (["--model", str(model)] if model is not None else [])
+        run = run_process(cmd)
+        if run["returncode"] != 0:
+            raise SystemExit(f"evaluate-detector failed:\n{run['stderr'][-2000:]}")
+        cpm = float(json.loads((outdir / "e" / "froc.json").read_text())["cpm"])
+    finally:
+        shutil.rmtree(outdir, ignore_errors=True)
+    card = float(json.loads(reference.read_text())["cpm"])
+    return {"cpm": cpm, "card_cpm": card, "card_file": str(reference), "tolerance": ACCURACY_TOLERANCE,
+            "within_tolerance": abs(cpm - card) <= ACCURACY_TOLERANCE, "wall_s": run["wall_s"]}
+
+
 def machine() -> dict:
     """CPU model, usable cores, memory, versions, load average now."""
     cpu = platform.processor()
@@ -165,6 +192,10 @@ def main() -> int:
     parser.add_argument("--monai-result", type=Path, default=None, metavar="JSON",
                         help="use this earlier output of monai_window.py instead of timing MONAI in this run "
                              "(recorded as such in the JSON; the targets then do not come from one run)")
+    parser.add_argument("--accuracy-reference", type=Path, default=REPO / "Resources" / "Models" / "evaluation_real"
+                        / "froc.json", metavar="FROC_JSON",
+                        help="the model card's evaluation (froc.json) that the accuracy check compares with")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the accuracy check")
     parser.add_argument("-o", "--output", type=Path, default=HERE / "results" / "benchmark.json")
     args = parser.parse_args()
 
@@ -193,13 +224,15 @@ def main() -> int:
             row["monai_s"] = per_window * row["monai_windows"]["windows"]
             row["monai_extrapolated_from_windows"] = len(monai["seconds_per_window"])
             row["monai_over_ours"] = row["monai_s"] / ours["wall_s"]
+    accuracy = None if args.no_accuracy else check_accuracy(args.model, args.device, args.accuracy_reference)
     target_row = next((r for r in rows if r["scan"] == TARGETS["scan"]), None)
     met = None
     if target_row:
         met = {"wall": target_row["ours"]["wall_s"] <= TARGETS["max_wall_s"],
                "peak_memory": gb(target_row["ours"]["peak_rss_bytes"]) <= TARGETS["max_peak_rss_gb"],
                "monai_speedup": (target_row.get("monai_over_ours", 0) >= TARGETS["min_monai_over_ours"]) if monai
-               else None}
+               else None,
+               "accuracy": accuracy["within_tolerance"] if accuracy else None}
     report = {
         "started_utc": started, "machine": info, "load_average_end": list(os.getloadavg()),
         "command": "nodule-detection detect SCAN -o OUTDIR" + (f" --model {args.model}" if args.model else "")
@@ -208,7 +241,7 @@ def main() -> int:
         "monai": monai and {**monai, "spacing_xyz_mm": MONAI_SPACING_XYZ, "overlap": MONAI_OVERLAP,
                             "note": "network forward only, random weights; scan totals are extrapolated: "
                                     "mean seconds per window x windows per scan"},
-        "scans": rows, "targets": TARGETS, "targets_met": met,
+        "scans": rows, "accuracy": accuracy, "targets": TARGETS, "targets_met": met,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -219,9 +252,9 @@ def main() -> int:
 
 def table(report: dict) -> str:
     """A Markdown table of the report (the README's performance table)."""
-    head = ("| scan | read | preprocess | stage 1 | stage 2 | outline | write | startup | **whole detect** | peak RSS "
-            "| SimpleITK read (process) | ours / floor | MONAI network (extrapolated) | MONAI / ours |")
-    lines = [head, "|" + "---|" * 14]
+    head = ("| scan | read | preprocess | stage 1 | masses | stage 2 | outline | write | startup | **whole detect** "
+            "| peak RSS | SimpleITK read (process) | ours / floor | MONAI network (extrapolated) | MONAI / ours |")
+    lines = [head, "|" + "---|" * 15]
     for r in report["scans"]:
         o, s = r["ours"], r["ours"]["stages_s"]
         monai = (f"{r['monai_s'] / 60:.1f} min ({r['monai_windows']['windows']} windows, from "
@@ -237,6 +270,10 @@ def table(report: dict) -> str:
     lines.append(f"Machine: {m['cpu']}, {m['cores_usable']} cores, {gb(m['memory_bytes'] or 0):.0f} GB, "
                  f"torch {m['torch']}; load average at start {m['load_average'][0]:.2f}, at end "
                  f"{report['load_average_end'][0]:.2f}. Targets met: {report['targets_met']}")
+    if report.get("accuracy"):
+        a = report["accuracy"]
+        lines.append(f"Accuracy: validation CPM {a['cpm']:.3f} now, {a['card_cpm']:.3f} in the model card "
+                     f"(tolerance {a['tolerance']}): {'unchanged' if a['within_tolerance'] else 'CHANGED'}")
     if report["monai"]:
         mo = report["monai"]
         lines.append(f"MONAI: {len(mo['seconds_per_window'])} window(s) timed, "
