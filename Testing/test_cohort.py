@@ -184,4 +184,11 @@ def test_torchrun_two_processes_merge_the_same_summary(tmp_path, scans_dir, tiny
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = {n: read_status(out, n).rank for n in ("case_a", "case_b", "case_c")}
     assert ranks == {"case_a": 0, "case_b": 1, "case_c": 0}
-    assert _summary(out) == _summary(single)
+    # The ranks run one thread each and the single process two: convolutions sum in another order, so
+    # probabilities may differ in the last printed digit; everything else is identical.
+    (rows, status), (rows_single, status_single) = _summary(out), _summary(single)
+    assert status == status_single and len(rows) == len(rows_single)
+    prob = rows[0].index("probability")
+    for row, row_single in zip(rows[1:], rows_single[1:]):
+        assert row[:prob] + row[prob + 1:] == row_single[:prob] + row_single[prob + 1:]
+        assert float(row[prob]) == pytest.approx(float(row_single[prob]), abs=1e-5)

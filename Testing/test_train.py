@@ -13,8 +13,15 @@ from NoduleDetectionLib.detect import Detector
 from NoduleDetectionLib.errors import InputError
 from NoduleDetectionLib.evaluate import Candidate
 from NoduleDetectionLib.geometry import Geometry
-from NoduleDetectionLib.models import NoduleModel
-from NoduleDetectionLib.train import STAGE_WEIGHTS, choose_threshold, sphere_mask
+from NoduleDetectionLib.models import ModelConfig, NoduleModel, Stage1Config
+from NoduleDetectionLib.train import (
+    STAGE_WEIGHTS,
+    choose_threshold,
+    mine_candidates,
+    phantom_cases,
+    prepare_case,
+    sphere_mask,
+)
 from NoduleDetectionLib.train_run import load_config, run_training
 
 SHORT = {
@@ -121,3 +128,19 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert model.config.card["processes"] == 2
     steps = [r["step"] for r in _log(tmp_path / "ddp") if r["stage"] == "stage1"]
     assert steps == list(range(1, 7))  # one log, written by rank 0 only
+
+
+def test_mining_finds_tissue_negatives_when_stage_1_proposes_nothing():
+    """A stage 1 that proposes no candidate (threshold above any probability) still leaves stage 2 negatives: points
+    of dense tissue and parenchyma in the lungs, clear of every lesion; positives are the jittered lesion centres."""
+    config = ModelConfig(stage1=Stage1Config(spacing_mm=2.0, channels=(4, 8), tile=64, candidate_threshold=1.01))
+    model = NoduleModel.build(config, seed=0)
+    cases = [prepare_case(c, model) for c in phantom_cases(1, seed=3, shape=(32, 64, 80))]
+    samples = mine_candidates(model, cases, np.random.default_rng(0), dense_per_case=40, parenchyma_per_case=20)
+    counts = samples.counts()
+    assert counts["stage1_candidate"] == 0
+    assert counts["lesion"] == 4 * len(cases[0].case.lesions) == int(samples.labels.sum())
+    assert 0 < counts["dense_tissue"] <= 40 and 0 < counts["parenchyma"] <= 20
+    negatives = samples.centers[samples.labels == 0]
+    for p, d in cases[0].case.lesions:
+        assert (np.linalg.norm(negatives - np.asarray(p), axis=1) >= d / 2 + 3.0).all()
