@@ -90,15 +90,19 @@ def monai_windows(path: Path) -> dict:
     return {"resampled_size_xyz": size, "windows_xyz": counts, "windows": math.prod(counts)}
 
 
+def cli_command() -> list[str]:
+    """How to start ``nodule-detection`` with this Python: its console script, else ``-m NoduleDetectionLib.cli``."""
+    script = Path(sys.executable).with_name("nodule-detection")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "NoduleDetectionLib.cli"]
+
+
 def time_ours(scan: Path, model: Path | None, device: str, repeat: int) -> dict:
     """The whole detect process on ``scan`` (``repeat`` times; the median run is reported, all are kept)."""
     runs = []
     for _ in range(repeat):
         outdir = Path(tempfile.mkdtemp(prefix="nd-bench-"))
         try:
-            script = Path(sys.executable).with_name("nodule-detection")
-            cmd = [str(script)] if script.exists() else [sys.executable, "-m", "NoduleDetectionLib.cli"]
-            cmd += ["detect", str(scan), "-o", str(outdir), "--device", device]
+            cmd = cli_command() + ["detect", str(scan), "-o", str(outdir), "--device", device]
             if model is not None:
                 cmd += ["--model", str(model)]
             run = run_process(cmd)
@@ -145,10 +149,9 @@ def check_accuracy(model: Path | None, device: str, reference: Path) -> dict:
     print("accuracy: evaluate-detector on the validation scans ...", file=sys.stderr, flush=True)
     outdir = Path(tempfile.mkdtemp(prefix="nd-bench-eval-"))
     try:
-        script = Path(sys.executable).with_name("nodule-detection")
-        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "NoduleDetectionLib.cli"]
-        cmd += ["evaluate-detector", str(VALIDATION_DATA), "--scans", str(VALIDATION_LIST), "-o", str(outdir / "e"),
-                "--device", device] + (["--model", str(model)] if model is not None else [])
+        cmd = cli_command() + ["evaluate-detector", str(VALIDATION_DATA), "--scans", str(VALIDATION_LIST),
+                               "-o", str(outdir / "e"), "--device", device]
+        cmd += ["--model", str(model)] if model is not None else []
         run = run_process(cmd)
         if run["returncode"] != 0:
             raise SystemExit(f"evaluate-detector failed:\n{run['stderr'][-2000:]}")

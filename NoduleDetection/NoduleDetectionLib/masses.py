@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from .geometry import Geometry
+from .preprocess import block_mean
 
 #: Solid tissue, HU.
 MASS_HU = -300.0
@@ -26,11 +27,8 @@ MIN_INSIDE = 0.5
 
 
 def _downsample(mask: np.ndarray, factor: int) -> np.ndarray:
-    """Block mean of a boolean ``[k, j, i]`` mask over ``factor³`` blocks (edges padded), thresholded at 1/2."""
-    pads = [(0, (-n) % factor) for n in mask.shape]
-    m = np.pad(mask, pads).astype(np.float32)
-    k, j, i = (n // factor for n in m.shape)
-    return m.reshape(k, factor, j, factor, i, factor).mean(axis=(1, 3, 5)) > 0.5
+    """A boolean ``[k, j, i]`` mask coarsened by ``factor`` along each axis: block means above 1/2."""
+    return block_mean(mask, (factor, factor, factor)) > 0.5
 
 
 def _closing(mask: np.ndarray, sampling: np.ndarray) -> np.ndarray:

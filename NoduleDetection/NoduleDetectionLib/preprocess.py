@@ -54,7 +54,7 @@ def _block_factors(spacing: tuple[float, float, float], target_mm: float) -> tup
     return tuple(max(1, int(round(target_mm / s))) for s in (sz, sy, sx))
 
 
-def _block_mean(array: np.ndarray, factors: tuple[int, int, int], slab_voxels: int = 2**25) -> np.ndarray:
+def block_mean(array: np.ndarray, factors: tuple[int, int, int], slab_voxels: int = 2**25) -> np.ndarray:
     """Mean over non-overlapping blocks of ``factors`` voxels ``[k, j, i]`` (a block cut by the array's end:
     the mean of the voxels it has). ``float32 [k, j, i]`` out.
 
@@ -119,7 +119,7 @@ def lung_mask(volume: CTVolume, coarse_mm: float = 2.0, margin_mm: float = 4.0) 
         ``LungMask`` with a ``bool [k, j, i]`` mask on the input grid.
     """
     factors = _block_factors(volume.geometry.spacing, coarse_mm)
-    coarse = _block_mean(volume.array, factors)
+    coarse = block_mean(volume.array, factors)
     voxel_mm = np.array([volume.geometry.spacing[2], volume.geometry.spacing[1], volume.geometry.spacing[0]])
     voxel_mm = voxel_mm * np.array(factors)
     voxel_ml = float(np.prod(voxel_mm)) / 1000.0
@@ -167,7 +167,7 @@ def _ball(radius: int, voxel_mm: np.ndarray) -> np.ndarray:
 
 
 def _upsample_blocks(mask: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour inverse of ``_block_mean``: repeat each coarse voxel, cut to ``shape``.
+    """Nearest-neighbour inverse of ``block_mean``: repeat each coarse voxel, cut to ``shape``.
 
     In-plane first, cut, then along k: the only full-size array made is the result.
     """

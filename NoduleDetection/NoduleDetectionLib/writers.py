@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
@@ -369,16 +370,29 @@ def _sample_view(volume: CTVolume, label_map: np.ndarray, center_lps: np.ndarray
     return image.reshape(rows.shape), labels.reshape(rows.shape)
 
 
-def _text_block(draw, xy: tuple[int, int], lines: list[tuple[str, int, tuple]], width: int) -> int:
-    """Draw ``(text, font size, colour)`` lines wrapped to ``width`` pixels from ``xy``; return the y below them."""
+@functools.cache
+def _font(size: int):
     from PIL import ImageFont
 
+    return ImageFont.load_default(size=size)
+
+
+def _wrapped(lines: list[tuple[str, int, tuple]], width: int) -> list[tuple[str, int, tuple]]:
+    """``(text, font size, colour)`` lines wrapped to about ``width`` pixels, one entry per drawn line."""
+    return [(part, size, color) for text, size, color in lines
+            for part in textwrap.wrap(text, max(20, int(width / (0.55 * size)))) or [""]]
+
+
+def _text_height(lines: list[tuple[str, int, tuple]]) -> int:
+    return sum(int(size * 1.3) for _, size, _ in lines)
+
+
+def _draw_text(draw, xy: tuple[int, int], lines: list[tuple[str, int, tuple]]) -> int:
+    """Draw already wrapped lines (``_wrapped``) from ``xy``; return the y below them."""
     x, y = xy
     for text, size, color in lines:
-        font = ImageFont.load_default(size=size)
-        for line in textwrap.wrap(text, max(20, int(width / (0.55 * size)))) or [""]:
-            draw.text((x, y), line, fill=color, font=font)
-            y += int(size * 1.3)
+        draw.text((x, y), text, fill=color, font=_font(size))
+        y += int(size * 1.3)
     return y
 
 
@@ -407,13 +421,12 @@ def _write_figure(result: Any, volume: CTVolume, path: Path) -> None:
             title += f" (showing the {len(shown)} most probable)"
     else:
         title = f"{result.name}: no nodules found above the threshold (p >= {result.threshold:.2f})"
-    header = [(title, 14, (0, 0, 0)), (DISCLAIMER, 11, (110, 110, 110))]
+    header = _wrapped([(title, 14, (0, 0, 0)), (DISCLAIMER, 11, (110, 110, 110))], width - 2 * _MARGIN)
     row_height = 2 * int(12 * 1.3) + _PANEL_PIXELS + 2 * _MARGIN
-    probe = ImageDraw.Draw(Image.new("RGB", (width, 10)))
-    top = _text_block(probe, (_MARGIN, _MARGIN), header, width - 2 * _MARGIN) + _MARGIN
+    top = _MARGIN + _text_height(header) + _MARGIN
     figure = Image.new("RGB", (width, top + row_height * len(shown)), (255, 255, 255))
     draw = ImageDraw.Draw(figure)
-    _text_block(draw, (_MARGIN, _MARGIN), header, width - 2 * _MARGIN)
+    _draw_text(draw, (_MARGIN, _MARGIN), header)
     label_map = np.asarray(result.label_map)
     for row, nodule in enumerate(shown):
         size_mm = max(40.0, 2.5 * float(nodule.diameter_mm))
@@ -424,7 +437,7 @@ def _write_figure(result: Any, volume: CTVolume, path: Path) -> None:
             image, labels = _sample_view(volume, label_map, np.asarray(nodule.center_lps), size_mm, view)
             caption = [(f"N{nodule.label}  {nodule_description(nodule)}", 12, (0, 0, 0)),
                        (f"{view[0]}, {size_mm:.0f} mm", 12, (0, 0, 0))]
-            below = _text_block(draw, (x, y), caption, _PANEL_PIXELS)
+            below = _draw_text(draw, (x, y), _wrapped(caption, _PANEL_PIXELS))
             figure.paste(_panel(image, labels == nodule.label, color), (x, below))
     with open(path, "wb") as f:
         figure.save(f, format="PNG")
