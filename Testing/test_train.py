@@ -17,6 +17,7 @@ from NoduleDetectionLib.models import ModelConfig, NoduleModel, Stage1Config
 from NoduleDetectionLib.train import (
     STAGE_WEIGHTS,
     choose_threshold,
+    lesion_weight,
     mine_candidates,
     phantom_cases,
     prepare_case,
@@ -112,6 +113,26 @@ def test_threshold_rule_and_ignore_spheres():
     geo = Geometry((1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
     mask = sphere_mask((10, 20, 20), geo, [(np.array([10.0, 10.0, 10.0]), 4.0)])
     assert mask[5, 10, 10] and mask[5, 10, 14] and not mask[5, 10, 15] and mask[7, 10, 10] and not mask[8, 10, 10]
+
+
+def test_small_lesions_weigh_more_and_every_lesion_has_a_centre():
+    """Stage 1 weights: 8 on the voxels of a 4 mm lesion, 1 on a 12 mm one and on background, 0 in ignore regions;
+    the prepared case lists every lesion's centre on the working grid (patches are drawn per lesion)."""
+    assert [lesion_weight(d) for d in (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 25.0)] == [8, 8, 8, 5, 2, 1, 1]
+    config = ModelConfig(stage1=Stage1Config(spacing_mm=2.0, channels=(4, 8), tile=64))
+    model = NoduleModel.build(config, seed=0)
+    case = phantom_cases(1, seed=3, shape=(32, 64, 80), n_nodules=2, diameters_mm=(4.0, 4.0))[0]
+    big_centre = case.lesions[1][0]
+    case.lesions[1] = (big_centre, 12.0)  # as if the label map's second lesion were 12 mm: its target stays
+    case.ignore = [(np.asarray(case.lesions[0][0]) + np.array([0.0, 0.0, 20.0]), 3.0)]
+    prepared = prepare_case(case, model)
+    geo = prepared.prep.geometry
+    for (centre, diameter), kji in zip(case.lesions, prepared.centres):
+        assert np.allclose(kji, np.round(geo.lps_to_index(np.asarray(centre))[::-1]))
+        assert prepared.weight[tuple(kji)] == (8.0 if diameter == 4.0 else 1.0)
+        assert prepared.target[tuple(kji)] == 1.0
+    assert prepared.weight[tuple(np.round(geo.lps_to_index(case.ignore[0][0])[::-1]).astype(int))] == 0.0
+    assert set(np.unique(prepared.weight[prepared.target == 0])) == {0.0, 1.0}
 
 
 @pytest.mark.slow

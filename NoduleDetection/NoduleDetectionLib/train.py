@@ -3,9 +3,11 @@
 A ``TrainingCase`` is a CT with a lesion label map (the targets) and ignore regions (findings that are
 neither positive nor negative, e.g. LUNA16's excluded findings). ``Trainer`` trains in two steps:
 
-1. **Stage 1** (U-net): cubic patches of the working grid, half centred near lesions, half anywhere in
-   the lungs, augmented (flips, axial quarter turns, small rotations and scaling, slice thickness,
-   intensity and noise); loss = binary cross-entropy + soft Dice, ignore regions masked out of both.
+1. **Stage 1** (U-net): cubic patches of the working grid, half centred near a lesion drawn uniformly
+   (each lesion as often as any other, whatever its size), half anywhere in the lungs, augmented (flips,
+   axial quarter turns, small rotations and scaling, slice thickness, intensity and noise); loss = binary
+   cross-entropy + soft Dice, ignore regions masked out of both and the voxels of small lesions weighted up
+   (``lesion_weight``), so that a 4 mm lesion counts about as much as a 10 mm one.
 2. **Stage 2** (3D CNN): stage 1 runs over every case; its candidates that fall on a lesion are
    positives, the others are the mined hard negatives, and candidates inside ignore regions are dropped.
    True lesion centres (jittered) are added as positives, and points of the host's own tissue inside the
@@ -49,6 +51,16 @@ log = logging.getLogger(__name__)
 
 #: Radius (mm) of the lesion target region used to decide that a stage 2 candidate is a hit.
 MIN_HIT_RADIUS_MM = 3.0
+#: Stage 1 loss weight of lesion voxels: ``(LESION_WEIGHT_REF_MM / diameter) ** 3`` (equal total weight per
+#: lesion up to that diameter), rounded, between 1 and ``LESION_WEIGHT_MAX``.
+LESION_WEIGHT_REF_MM = 10.0
+LESION_WEIGHT_MAX = 8
+
+
+def lesion_weight(diameter_mm: float) -> int:
+    """Stage 1 loss weight of the voxels of a lesion of ``diameter_mm`` (an integer, 1 for 10 mm and over)."""
+    w = (LESION_WEIGHT_REF_MM / max(float(diameter_mm), 1e-3)) ** 3
+    return int(np.clip(np.round(w), 1, LESION_WEIGHT_MAX))
 
 
 @dataclass
@@ -106,12 +118,14 @@ class TrainSettings:
 
 @dataclass
 class PreparedCase:
-    """A case on the working grid: ``target`` lesion mask and ``weight`` (0 inside ignore regions)."""
+    """A case on the working grid: ``target`` lesion mask, ``weight`` (0 inside ignore regions, ``lesion_weight``
+    on lesion voxels, 1 elsewhere) and ``centres``, the lesions' centres as ``[k, j, i]`` indices of that grid."""
 
     case: TrainingCase
     prep: Prepared
     target: np.ndarray
     weight: np.ndarray
+    centres: np.ndarray
 
 
 def sphere_mask(shape: tuple[int, ...], geometry, balls: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
@@ -147,9 +161,18 @@ def prepare_case(case: TrainingCase, model: NoduleModel) -> PreparedCase:
     else:
         target = sphere_mask(prep.image.shape, prep.geometry, [(c, d / 2) for c, d in case.lesions])
     weight = np.ones(prep.image.shape, np.float32)
+    margin = max(prep.geometry.spacing)
+    for centre, diameter in case.lesions:
+        w = lesion_weight(diameter)
+        if w > 1:
+            near = sphere_mask(prep.image.shape, prep.geometry, [(centre, diameter / 2 + margin)]) & target
+            weight[near] = np.maximum(weight[near], w)
     if case.ignore:
         weight[sphere_mask(prep.image.shape, prep.geometry, case.ignore) & ~target] = 0.0
-    return PreparedCase(case, prep, target.astype(np.float32), weight)
+    kji = np.round(prep.geometry.lps_to_index(np.array([c for c, _ in case.lesions], float).reshape(-1, 3)))
+    kji = kji.reshape(-1, 3)[:, ::-1].astype(int)
+    inside = np.all((kji >= 0) & (kji < np.array(prep.image.shape)), axis=1)
+    return PreparedCase(case, prep, target.astype(np.float32), weight, kji[inside])
 
 
 def _crop(arrays: Sequence[np.ndarray], centre: np.ndarray, size: int) -> list[np.ndarray]:
@@ -425,23 +448,25 @@ class Trainer:
         s = self.settings
         size = -(-s.patch1 // self.model.stage1.divisor) * self.model.stage1.divisor
         aug = stage1_augmentation(self.model.config.stage1.spacing_mm) if s.augment else None
-        lesion_voxels = [np.argwhere(c.target > 0) for c in self.train_cases]
+        # Lesion patches are centred near a lesion drawn uniformly (near a target voxel when centres are unknown).
+        lesion_centres = [c.centres if len(c.centres) else np.argwhere(c.target > 0) for c in self.train_cases]
         lung_voxels = [np.argwhere(c.prep.lung) for c in self.train_cases]
 
         def one(rng: np.random.Generator) -> list[np.ndarray]:
             n = int(rng.integers(len(self.train_cases)))
             c = self.train_cases[n]
-            if rng.random() < s.positive_fraction and len(lesion_voxels[n]):
+            if rng.random() < s.positive_fraction and len(lesion_centres[n]):
                 jitter = rng.integers(-size // 4, size // 4 + 1, 3)
-                centre = lesion_voxels[n][rng.integers(len(lesion_voxels[n]))] + jitter
+                centre = lesion_centres[n][rng.integers(len(lesion_centres[n]))] + jitter
             elif len(lung_voxels[n]):
                 centre = lung_voxels[n][rng.integers(len(lung_voxels[n]))]
             else:
                 centre = rng.integers(0, c.prep.image.shape)
             img, tgt, w = _crop([c.prep.image, c.target, c.weight], centre, size)
-            if aug is not None:  # one label map carries both: 1 = lesion, 2 = ignored, 0 = background
-                img, label = aug(img, np.where(tgt > 0, 1, np.where(w > 0, 0, 2)).astype(np.uint8), rng)
-                tgt, w = label == 1, label != 2
+            if aug is not None:  # one label map carries all: 0 = background, 1 = ignored, k >= 2 = lesion of weight k-1
+                label = np.where(w == 0, 1, np.where(tgt > 0, 1 + w, 0)).astype(np.uint8)
+                img, label = aug(img, label, rng)
+                tgt, w = label >= 2, np.where(label == 1, 0.0, np.maximum(label.astype(np.float32) - 1.0, 1.0))
             return [np.ascontiguousarray(a, dtype=np.float32) for a in (img, tgt, w)]
 
         def batch(rng: np.random.Generator):
