@@ -7,7 +7,8 @@ neither positive nor negative, e.g. LUNA16's excluded findings). ``Trainer`` tra
    (each lesion as often as any other, whatever its size), half anywhere in the lungs, augmented (flips,
    axial quarter turns, small rotations and scaling, slice thickness, intensity and noise); loss = binary
    cross-entropy + soft Dice, ignore regions masked out of both and the voxels of small lesions weighted up
-   (``lesion_weight``), so that a 4 mm lesion counts about as much as a 10 mm one.
+   (``lesion_weight``: a 5 mm lesion's voxels weigh 8, so it counts as much as a 10 mm lesion, whose voxels
+   are 8 times more).
 2. **Stage 2** (3D CNN): stage 1 runs over every case; its candidates that fall on a lesion are
    positives, the others are the mined hard negatives, and candidates inside ignore regions are dropped.
    True lesion centres (jittered) are added as positives, and points of the host's own tissue inside the
@@ -528,10 +529,10 @@ class Trainer:
 
 
 def _loss_stage1(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Voxel-weighted binary cross-entropy + voxel-weighted soft Dice (each in [0, 1] for a 0/1 target)."""
     bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / weight.sum().clamp(min=1)
-    p = torch.sigmoid(logits) * weight
-    t = target * weight
-    dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    p = torch.sigmoid(logits)
+    dice = 1 - (2 * (weight * p * target).sum() + 1) / ((weight * p).sum() + (weight * target).sum() + 1)
     return bce + dice
 
 
