@@ -135,6 +135,26 @@ def test_small_lesions_weigh_more_and_every_lesion_has_a_centre():
     assert set(np.unique(prepared.weight[prepared.target == 0])) == {0.0, 1.0}
 
 
+def test_stage1_loss_weights_voxels_without_going_negative():
+    """Weighted voxels count more, yet the loss stays a BCE (>= 0) plus a Dice term in [0, 1]: about 0 for a
+    perfect map, and a missed weight-8 lesion costs more than a missed weight-1 lesion."""
+    from NoduleDetectionLib.train import _loss_stage1
+
+    target = torch.zeros(1, 1, 8, 8, 8)
+    target[..., 2:4, 2:4, 2:4] = 1
+    heavy = torch.where(target > 0, 8.0, 1.0)
+    light = torch.ones_like(target)
+    perfect = torch.where(target > 0, 12.0, -12.0)
+    missed = torch.full_like(target, -12.0)
+    everywhere = torch.full_like(target, 12.0)
+    for w in (heavy, light):
+        assert 0.0 <= float(_loss_stage1(perfect, target, w)) < 1e-3
+        for logits in (missed, everywhere):
+            loss = float(_loss_stage1(logits, target, w))
+            assert 1.0 <= loss <= 1.0 + 12.0 + 1e-3  # Dice term near 1; BCE of ±12 logits is at most about 12
+    assert float(_loss_stage1(missed, target, heavy)) > float(_loss_stage1(missed, target, light))
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
     """DistributedDataParallel with the gloo backend: 2 CPU processes train a few steps together."""

@@ -529,7 +529,7 @@ class Trainer:
 
 
 def _loss_stage1(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Voxel-weighted binary cross-entropy + voxel-weighted soft Dice (each in [0, 1] for a 0/1 target)."""
+    """Voxel-weighted binary cross-entropy (≥ 0) + voxel-weighted soft Dice loss (in [0, 1] for a 0/1 target)."""
     bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / weight.sum().clamp(min=1)
     p = torch.sigmoid(logits)
     dice = 1 - (2 * (weight * p * target).sum() + 1) / ((weight * p).sum() + (weight * target).sum() + 1)
