@@ -23,7 +23,7 @@ from NoduleDetectionLib.train import (
     prepare_case,
     sphere_mask,
 )
-from NoduleDetectionLib.train_run import load_config, run_training
+from NoduleDetectionLib.train_run import load_config, run_training, settings_from_config
 
 SHORT = {
     "seed": 0,
@@ -133,6 +133,8 @@ def test_small_lesions_weigh_more_and_every_lesion_has_a_centre():
         assert prepared.target[tuple(kji)] == 1.0
     assert prepared.weight[tuple(np.round(geo.lps_to_index(case.ignore[0][0])[::-1]).astype(int))] == 0.0
     assert set(np.unique(prepared.weight[prepared.target == 0])) == {0.0, 1.0}
+    assert settings_from_config(SHORT).balance_lesions is False  # the shipped recipe's behaviour by default
+    assert settings_from_config(dict(SHORT, balance_lesions=True)).balance_lesions is True
 
 
 def test_stage1_loss_weights_voxels_without_going_negative():

@@ -3,12 +3,13 @@
 A ``TrainingCase`` is a CT with a lesion label map (the targets) and ignore regions (findings that are
 neither positive nor negative, e.g. LUNA16's excluded findings). ``Trainer`` trains in two steps:
 
-1. **Stage 1** (U-net): cubic patches of the working grid, half centred near a lesion drawn uniformly
-   (each lesion as often as any other, whatever its size), half anywhere in the lungs, augmented (flips,
-   axial quarter turns, small rotations and scaling, slice thickness, intensity and noise); loss = binary
-   cross-entropy + soft Dice, ignore regions masked out of both and the voxels of small lesions weighted up
-   (``lesion_weight``: a 5 mm lesion's voxels weigh 8, so it counts as much as a 10 mm lesion, whose voxels
-   are 8 times more).
+1. **Stage 1** (U-net): cubic patches of the working grid, half centred near a lesion voxel, half anywhere
+   in the lungs, augmented (flips, axial quarter turns, small rotations and scaling, slice thickness,
+   intensity and noise); loss = binary cross-entropy + soft Dice, ignore regions masked out of both. With
+   ``TrainSettings.balance_lesions`` the lesion patches are centred near a lesion drawn uniformly (each lesion
+   as often as any other, whatever its size) and the voxels of small lesions weigh more in the loss
+   (``lesion_weight``: a 5 mm lesion's voxels weigh 8, so it counts as much as a 10 mm lesion, whose voxels are
+   8 times more).
 2. **Stage 2** (3D CNN): stage 1 runs over every case; its candidates that fall on a lesion are
    positives, the others are the mined hard negatives, and candidates inside ignore regions are dropped.
    True lesion centres (jittered) are added as positives, and points of the host's own tissue inside the
@@ -103,6 +104,8 @@ class TrainSettings:
         time_budget_s: wall-clock budget of the whole run (``None``: unlimited); stage 1 may use 65% of it.
         target_fp_per_scan: the default threshold is the lowest probability whose validation false
             positives per scan stay at or below this.
+        balance_lesions: stage 1 draws lesion patches per lesion (not per lesion voxel) and weights the voxels of
+            small lesions up (``lesion_weight``); off, every lesion voxel is equally likely and weighs 1.
     """
 
     stage1: StageSchedule = field(default_factory=StageSchedule)
@@ -115,6 +118,7 @@ class TrainSettings:
     time_budget_s: float | None = None
     target_fp_per_scan: float = 0.5
     augment: bool = True
+    balance_lesions: bool = False
 
 
 @dataclass
@@ -449,8 +453,9 @@ class Trainer:
         s = self.settings
         size = -(-s.patch1 // self.model.stage1.divisor) * self.model.stage1.divisor
         aug = stage1_augmentation(self.model.config.stage1.spacing_mm) if s.augment else None
-        # Lesion patches are centred near a lesion drawn uniformly (near a target voxel when centres are unknown).
-        lesion_centres = [c.centres if len(c.centres) else np.argwhere(c.target > 0) for c in self.train_cases]
+        # Lesion patches are centred near a lesion voxel, or near a lesion drawn uniformly when balancing lesions.
+        lesion_centres = [c.centres if s.balance_lesions and len(c.centres) else np.argwhere(c.target > 0)
+                          for c in self.train_cases]
         lung_voxels = [np.argwhere(c.prep.lung) for c in self.train_cases]
 
         def one(rng: np.random.Generator) -> list[np.ndarray]:
@@ -464,6 +469,8 @@ class Trainer:
             else:
                 centre = rng.integers(0, c.prep.image.shape)
             img, tgt, w = _crop([c.prep.image, c.target, c.weight], centre, size)
+            if not s.balance_lesions:
+                w = np.minimum(w, 1.0)
             if aug is not None:  # one label map carries all: 0 = background, 1 = ignored, k >= 2 = lesion of weight k-1
                 label = np.where(w == 0, 1, np.where(tgt > 0, 1 + w, 0)).astype(np.uint8)
                 img, label = aug(img, label, rng)

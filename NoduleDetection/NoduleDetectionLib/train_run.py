@@ -11,7 +11,8 @@
       "stage1": {"steps": 1500, "batch": 4, "lr": 0.003},
       "stage2": {"steps": 600, "batch": 32, "lr": 0.001},
       "patch1": 48, "validate_every": 250, "patience": 4,
-      "time_budget_minutes": 110, "target_fp_per_scan": 0.5
+      "time_budget_minutes": 110, "target_fp_per_scan": 0.5,
+      "balance_lesions": false             # stage 1: sample lesions per lesion, weight small ones up
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "insert": null | {"lesions_per_scan": 20,
@@ -106,6 +107,7 @@ def settings_from_config(config: dict) -> TrainSettings:
         time_budget_s=None if budget is None else 60.0 * float(budget),
         target_fp_per_scan=float(config.get("target_fp_per_scan", d.target_fp_per_scan)),
         augment=bool(config.get("augment", True)),
+        balance_lesions=bool(config.get("balance_lesions", d.balance_lesions)),
     )
 
 
