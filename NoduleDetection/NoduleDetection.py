@@ -131,7 +131,7 @@ class NoduleDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.outputTableSelector,
         ):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
         self.ui.modelBrowseButton.connect("clicked(bool)", self.onBrowseModel)
@@ -245,6 +245,12 @@ class NoduleDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._populateModels()
             index = self.ui.modelComboBox.findData(path)
         self.ui.modelComboBox.setCurrentIndex(index)
+
+    def onModelChanged(self, index):
+        """A model chosen in the panel brings its own default threshold (a restored scene keeps its saved one)."""
+        if self._parameterNode is not None and not self._updatingGUIFromParameterNode:
+            self.ui.thresholdSliderWidget.value = parameters.model_threshold(self.ui.modelComboBox.currentData or "")
+        self.updateParameterNodeFromGUI()
 
     def onBrowseModel(self):
         path = qt.QFileDialog.getOpenFileName(

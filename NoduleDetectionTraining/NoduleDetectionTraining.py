@@ -358,7 +358,7 @@ class NoduleDetectionTrainingLogic(ScriptedLoadableModuleLogic):
 
         insert = {"lesions_per_scan": int(lesionsPerScan), "copies": 2, "seed": 1} if lesionsPerScan else None
         if startFrom == FROM_SHIPPED:
-            from NoduleDetectionLib.models import shipped_model_path
+            from NoduleDetectionLib.registry import shipped_model_path
 
             initModel = str(shipped_model_path())
         else:

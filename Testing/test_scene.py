@@ -304,8 +304,8 @@ def test_outputs_follow_the_volume_transform(lidc3_node):
 
 def test_settings_persist_in_saved_scene(mrml_scene, lidc3_node, tmp_path):
     node = mrml_scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "NoduleDetection")
-    parameters.set_defaults(node)
-    assert parameters.read_settings(node) == parameters.DetectionSettings()
+    parameters.set_defaults(node)  # a new node gets the shipped model's own threshold
+    assert parameters.read_settings(node) == parameters.DetectionSettings(threshold=parameters.model_threshold(""))
     settings = parameters.DetectionSettings(model="/models/trained.safetensors", threshold=0.35, device="cpu")
     parameters.write_settings(node, settings)
     node.SetNodeReferenceID(parameters.INPUT_VOLUME, lidc3_node.GetID())
@@ -325,8 +325,21 @@ def test_settings_persist_in_saved_scene(mrml_scene, lidc3_node, tmp_path):
         parameters.read_settings(restored)
 
 
-def test_default_threshold_is_the_model_default():
+def test_default_threshold_is_the_model_default(tiny_model_path, tmp_path):
+    """The panel's threshold for a model is the one stored in its file (read without torch), as the command line
+    uses; the model format's default when the file cannot be read."""
+    from NoduleDetectionLib.models import NoduleModel
+    from NoduleDetectionLib.registry import shipped_model_path
+
     assert ModelConfig().threshold == parameters.DEFAULT_THRESHOLD
+    model = NoduleModel.load(tiny_model_path)
+    model.config.threshold = 0.37
+    path = model.save(tmp_path / "m.safetensors")
+    assert parameters.model_threshold(str(path)) == pytest.approx(0.37)
+    assert parameters.model_threshold("") == pytest.approx(NoduleModel.load(shipped_model_path()).config.threshold)
+    (tmp_path / "not_a_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    assert parameters.model_threshold(str(tmp_path / "not_a_model.safetensors")) == parameters.DEFAULT_THRESHOLD
+    assert parameters.model_threshold(str(tmp_path / "missing.safetensors")) == parameters.DEFAULT_THRESHOLD
 
 
 # --- the real detector ------------------------------------------------------------------------------------

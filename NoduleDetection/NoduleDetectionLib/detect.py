@@ -30,8 +30,9 @@ from .errors import NoduleDetectionError
 from .geometry import Geometry
 from .io import validate_ct
 from .masses import find_masses
-from .models import ModelConfig, NoduleModel, shipped_model_path
+from .models import ModelConfig, NoduleModel
 from .preprocess import Prepared, normalize_hu, prepare, sample_patches
+from .registry import shipped_model_path
 from .volume import CTVolume
 
 log = logging.getLogger(__name__)

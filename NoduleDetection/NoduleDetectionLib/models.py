@@ -34,9 +34,6 @@ from .errors import ModelError
 FORMAT_NAME = "nodule-detection-model"
 FORMAT_VERSION = 1
 
-#: Where the shipped model lives, relative to the repository (or installed extension) root.
-SHIPPED_MODEL_RELPATH = Path("Resources") / "Models" / "nodule_detector.safetensors"
-
 
 @dataclass
 class Stage1Config:
@@ -255,22 +252,6 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def shipped_model_path() -> Path:
-    """The shipped model file: ``$NODULE_DETECTION_MODEL`` if set, else ``Resources/Models/`` of the
-    repository or installed extension (searched upwards from this package)."""
-    env = os.environ.get("NODULE_DETECTION_MODEL")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / SHIPPED_MODEL_RELPATH
-        if candidate.is_file():
-            return candidate
-    raise ModelError(
-        f"the shipped model ({SHIPPED_MODEL_RELPATH.as_posix()}) was not found; pass a model file with --model"
-    )
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -31,13 +31,14 @@ import math
 import os
 import re
 import shutil
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from .atomic import atomic_path, check_writable, write_text_atomic
-from .errors import InputError
+from .errors import InputError, ModelError
 
 #: Environment variable naming the models folder (tests point it at a temporary folder).
 MODELS_DIR_ENV = "NODULE_DETECTION_MODELS_DIR"
@@ -66,6 +67,39 @@ class RegisteredModel:
     path: Path
     card_path: Path
     metadata: dict
+
+
+#: Where the shipped model lives, relative to the repository (or installed extension) root.
+SHIPPED_MODEL_RELPATH = Path("Resources") / "Models" / "nodule_detector.safetensors"
+
+
+def shipped_model_path() -> Path:
+    """The shipped model file: ``$NODULE_DETECTION_MODEL`` if set, else ``Resources/Models/`` of the
+    repository or installed extension (searched upwards from this package)."""
+    env = os.environ.get("NODULE_DETECTION_MODEL")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / SHIPPED_MODEL_RELPATH
+        if candidate.is_file():
+            return candidate
+    raise ModelError(
+        f"the shipped model ({SHIPPED_MODEL_RELPATH.as_posix()}) was not found; pass a model file with --model"
+    )
+
+
+def model_file_threshold(path: os.PathLike) -> Optional[float]:
+    """The default probability threshold stored in a model file's config (read from the safetensors header
+    alone, without torch); ``None`` when the file is missing or not a NoduleDetection model."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(size, 10_000_000)))
+        threshold = float(json.loads(header["__metadata__"]["config"])["threshold"])
+    except (OSError, struct.error, ValueError, KeyError, TypeError):
+        return None
+    return threshold if 0.0 <= threshold <= 1.0 else None
 
 
 def models_dir() -> Path:

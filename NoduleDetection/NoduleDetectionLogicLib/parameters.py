@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from NoduleDetectionLib.errors import InputError
+from NoduleDetectionLib import registry
+from NoduleDetectionLib.errors import InputError, ModelError
 
-#: Default sensitivity: the probability threshold ``ModelConfig().threshold`` of the shipped model format.
-#: Kept here as a number because ``models`` imports torch, which is installed only at first use
+#: Sensitivity used when a model file's own threshold cannot be read: ``ModelConfig().threshold`` of the model
+#: format. Kept here as a number because ``models`` imports torch, which is installed only at first use
 #: (``Testing/test_scene.py`` checks that the two agree).
 DEFAULT_THRESHOLD = 0.5
 
@@ -62,12 +63,28 @@ class DetectionSettings:
 _NAMES = {"model": "Model", "threshold": "Threshold", "device": "Device"}
 
 
+def model_threshold(model: str) -> float:
+    """The default threshold stored in model file ``model`` (``""``: the shipped model), read without torch;
+    ``DEFAULT_THRESHOLD`` when the file cannot be read (the run itself then reports why)."""
+    try:
+        path = model or registry.shipped_model_path()
+    except ModelError:
+        return DEFAULT_THRESHOLD
+    threshold = registry.model_file_threshold(path)
+    return DEFAULT_THRESHOLD if threshold is None else threshold
+
+
 def set_defaults(node: Any) -> None:
-    """Give every setting that ``node`` does not have yet its default value (existing ones are kept)."""
+    """Give every setting that ``node`` does not have yet its default value (existing ones are kept); the
+    default threshold is the chosen model's own (``model_threshold``)."""
     defaults = DetectionSettings()
     for field, name in _NAMES.items():
         if not node.GetParameter(name):
-            node.SetParameter(name, str(getattr(defaults, field)))
+            if field == "threshold":
+                value = model_threshold(node.GetParameter(_NAMES["model"]))
+            else:
+                value = getattr(defaults, field)
+            node.SetParameter(name, str(value))
 
 
 def read_settings(node: Any) -> DetectionSettings:
