@@ -167,11 +167,11 @@ def prepare_case(case: TrainingCase, model: NoduleModel) -> PreparedCase:
         target = sphere_mask(prep.image.shape, prep.geometry, [(c, d / 2) for c, d in case.lesions])
     weight = np.ones(prep.image.shape, np.float32)
     margin = max(prep.geometry.spacing)
+    balls_by_weight: dict[int, list[tuple[np.ndarray, float]]] = {}
     for centre, diameter in case.lesions:
-        w = lesion_weight(diameter)
-        if w > 1:
-            near = sphere_mask(prep.image.shape, prep.geometry, [(centre, diameter / 2 + margin)]) & target
-            weight[near] = np.maximum(weight[near], w)
+        balls_by_weight.setdefault(lesion_weight(diameter), []).append((centre, diameter / 2 + margin))
+    for w in sorted(k for k in balls_by_weight if k > 1):  # ascending: where lesions overlap, the largest weight
+        weight[sphere_mask(prep.image.shape, prep.geometry, balls_by_weight[w]) & target] = w
     if case.ignore:
         weight[sphere_mask(prep.image.shape, prep.geometry, case.ignore) & ~target] = 0.0
     kji = np.round(prep.geometry.lps_to_index(np.array([c for c, _ in case.lesions], float).reshape(-1, 3)))
@@ -226,7 +226,7 @@ class Stage2Samples:
 
     def counts(self) -> dict[str, int]:
         """How many samples of each source (and of each label among the stage 1 candidates)."""
-        out = {f"{name}": int((self.source == i).sum()) for i, name in enumerate(SAMPLE_SOURCES)}
+        out = {name: int((self.source == i).sum()) for i, name in enumerate(SAMPLE_SOURCES)}
         out["candidate_hits"] = int(((self.source == 1) & (self.labels == 1)).sum())
         return out
 
