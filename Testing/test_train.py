@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from NoduleDetectionLib.calibrate import STAGE_WEIGHTS, choose_threshold
 from NoduleDetectionLib.datasets import Finding
 from NoduleDetectionLib.detect import Detector
 from NoduleDetectionLib.errors import InputError
@@ -15,8 +16,6 @@ from NoduleDetectionLib.evaluate import Candidate
 from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.models import ModelConfig, NoduleModel, Stage1Config
 from NoduleDetectionLib.train import (
-    STAGE_WEIGHTS,
-    choose_threshold,
     lesion_weight,
     mine_candidates,
     phantom_cases,

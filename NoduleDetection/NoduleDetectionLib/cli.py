@@ -217,7 +217,62 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_detect, _add_evaluate, _add_evaluate_detector, _add_make_lesion_dataset, _add_train]
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="choose a model's candidate threshold, stage weight and default threshold on annotated scans",
+        description=(
+            "Run the model over every scan of DATASET (LUNA16 or shared layout, as for evaluate-detector), "
+            "choose the stage 1 candidate threshold and the stage 2 weight with the best CPM, then the default "
+            "threshold (the lowest with at most FP false positives per scan), and write OUTDIR/model.safetensors "
+            "(the same networks with these values), calibration.json and calibration.md. The networks are not "
+            "changed; report the calibrated model's accuracy on other scans than DATASET's."
+        ),
+    )
+    p.add_argument("dataset", metavar="DATASET", help="data set folder with nodule annotations")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
+    _add_model_options(p)
+    p.add_argument("--scans", default=None, metavar="LIST",
+                   help="only these scans: seriesuids or ct/ entry names, one per line")
+    p.add_argument("--candidate-thresholds", type=float, nargs="+", default=None, metavar="T",
+                   help="stage 1 candidate thresholds to try (default 0.05 0.1 0.2 0.3)")
+    p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
+                   help="stage 2 weights to try (default 0 0.25 0.5 0.75 1)")
+    p.add_argument("--fp-per-scan", type=float, default=0.5, metavar="FP",
+                   help="false positives per scan allowed at the default threshold (default 0.5)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .calibrate import calibrate
+    from .datasets import read_scan_list
+
+    bars: list = []  # made at the first progress call, so that a refused input prints no bar
+
+    def progress(name: str, fraction: float) -> None:
+        if not bars:
+            bars.append(tqdm(total=100, desc="calibrating", unit="%"))
+        bars[0].update(round(100 * fraction) - bars[0].n)
+        bars[0].set_postfix_str(name)
+
+    try:
+        paths = calibrate(
+            args.dataset, args.output, model=args.model, scans=read_scan_list(args.scans) if args.scans else None,
+            candidate_thresholds=args.candidate_thresholds, weights=args.weights, fp_per_scan=args.fp_per_scan,
+            device=args.device, overwrite=args.overwrite, progress=progress,
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+COMMANDS = [_add_detect, _add_evaluate, _add_evaluate_detector, _add_make_lesion_dataset, _add_train, _add_calibrate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -263,14 +263,17 @@ class Detector:
         prob = acc / np.maximum(cnt, 1.0)
         return prob[: image.shape[0], : image.shape[1], : image.shape[2]]
 
-    def candidates(self, prob: np.ndarray, lung: np.ndarray, geometry: Geometry) -> tuple[list[Candidate], np.ndarray]:
-        """Connected regions of ``prob`` above the candidate threshold inside the lung mask.
+    def candidates(self, prob: np.ndarray, lung: np.ndarray, geometry: Geometry,
+                   threshold: float | None = None) -> tuple[list[Candidate], np.ndarray]:
+        """Connected regions of ``prob`` above ``threshold`` (default: the model's candidate threshold) inside
+        the lung mask.
 
         Returns the candidates (highest stage 1 score first, at most ``max_candidates``) and the region
         map ``int32 [k, j, i]`` on the working grid.
         """
         cfg = self.config.stage1
-        regions, n = ndimage.label((prob >= cfg.candidate_threshold) & lung)
+        threshold = cfg.candidate_threshold if threshold is None else threshold
+        regions, n = ndimage.label((prob >= threshold) & lung)
         if n == 0:
             return [], regions
         index = np.arange(1, n + 1)
@@ -323,6 +326,17 @@ class Detector:
             out.append(Candidate(region, centre, diameter, 1.0))
         return out
 
+    @staticmethod
+    def outside_masses(cands: list[Candidate], masses: list[Candidate], regions: np.ndarray,
+                       geometry: Geometry) -> list[Candidate]:
+        """The candidates whose centre lies outside every mass of ``regions`` (one centred in a mass is part of it)."""
+        if not masses or not cands:
+            return cands
+        mass_ids = {m.region for m in masses}
+        kji = np.round(geometry.lps_to_index(np.array([c.center_lps for c in cands]).reshape(-1, 3)))
+        kji = np.clip(kji[:, ::-1].astype(int), 0, np.array(regions.shape) - 1)
+        return [c for c, (k, j, i) in zip(cands, kji) if int(regions[k, j, i]) not in mass_ids]
+
     def detect(self, volume: CTVolume, threshold: float | None = None,
                progress: ProgressCallback | None = None, cancel: CancelCallback | None = None) -> DetectionResult:
         """Find nodules in ``volume``.
@@ -362,11 +376,7 @@ class Detector:
         t0 = time.perf_counter()
         step("masses", 0.0)
         masses = self.masses(prep, prob, regions)
-        if masses:  # stage 1 candidates centred in a mass are part of it
-            mass_ids = {m.region for m in masses}
-            kji = np.round(prep.geometry.lps_to_index(np.array([c.center_lps for c in cands]).reshape(-1, 3)))
-            kji = np.clip(kji[:, ::-1].astype(int), 0, np.array(regions.shape) - 1)
-            cands = [c for c, (k, j, i) in zip(cands, kji) if int(regions[k, j, i]) not in mass_ids]
+        cands = self.outside_masses(cands, masses, regions, prep.geometry)
         timings["masses"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

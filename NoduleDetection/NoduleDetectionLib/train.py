@@ -22,9 +22,11 @@ the validation cases (stage 1 alone scores candidates by its own probability); t
 kept, and a stage stops early after ``patience`` validations without improvement or when its share of
 the time budget is spent. Training state is checkpointed so that an interrupted run resumes where it
 stopped. At the end, the weight of stage 2 against stage 1 in a finding's probability
-(``Stage2Config.weight``, see ``detect.fuse_scores``) is the one of ``STAGE_WEIGHTS`` with the best validation
-CPM, and the default threshold is set for it on the same validation cases. Under ``torchrun`` the networks
-are wrapped in ``DistributedDataParallel``; every rank draws its own samples, and rank 0 writes the files.
+(``Stage2Config.weight``, see ``detect.fuse_scores``) is the one of ``calibrate.STAGE_WEIGHTS`` with the best
+validation CPM, and the default threshold is set for it on the same validation cases
+(``calibrate.choose_operating_point``; ``nodule-detection calibrate`` redoes this choice on other scans).
+Under ``torchrun`` the networks are wrapped in ``DistributedDataParallel``; every rank draws its own samples,
+and rank 0 writes the files.
 
 The same code trains the tiny test models on phantoms and the shipped model on real host scans.
 """
@@ -41,9 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from .augment import Compose, RandomAffine, RandomFlip, RandomIntensity, RandomNoise, RandomRot90, RandomSliceThickness
+from .calibrate import ValidationScores, choose_operating_point, scan_scores
 from .datasets import Finding
-from .detect import Detector, fuse_scores
-from .evaluate import Candidate as EvalCandidate
+from .detect import Detector
 from .evaluate import evaluate
 from .models import NoduleModel
 from .preprocess import Prepared, normalize_hu, prepare, resample, sample_patches
@@ -278,36 +280,13 @@ def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.r
                          np.array([r[2] for r in rows], int), np.array([r[3] for r in rows], int))
 
 
-@dataclass
-class ValidationScores:
-    """Stage 1 candidates of the validation cases: scan name, centre (LPS mm), stage 1 score, stage 2 probability."""
-
-    scans: list[str]
-    centers: np.ndarray
-    stage1: np.ndarray
-    stage2: np.ndarray
-
-    def candidates(self, weight: float | None) -> list[EvalCandidate]:
-        """As evaluation candidates scored by stage 1 alone (``None``) or ``fuse_scores`` with ``weight``."""
-        p = self.stage1 if weight is None else fuse_scores(self.stage1, self.stage2, weight)
-        return [EvalCandidate(s, tuple(map(float, xyz)), float(v)) for s, xyz, v in zip(self.scans, self.centers, p)]
-
-
 def validation_scores(model: NoduleModel, cases: Sequence[PreparedCase], use_stage2: bool,
                       device: str = "cpu") -> ValidationScores:
     """Both stages' outputs on the candidates of the validation cases (stage 2: zeros unless ``use_stage2``)."""
     detector = Detector(model, device=device)
-    scans, centres, s1, s2 = [], [], [], []
-    for c in cases:
-        prob = detector.probability_map(c.prep.image)
-        cands, _ = detector.candidates(prob, c.prep.lung, c.prep.geometry)
-        xyz = np.array([x.center_lps for x in cands]).reshape(-1, 3)
-        scans += [c.case.name] * len(cands)
-        centres.append(xyz)
-        s1 += [x.score for x in cands]
-        s2.append(detector.classify(c.case.volume, xyz) if use_stage2 else np.zeros(len(cands), np.float32))
-    return ValidationScores(scans, np.concatenate(centres) if centres else np.zeros((0, 3)),
-                            np.asarray(s1, np.float32), np.concatenate(s2) if s2 else np.zeros(0, np.float32))
+    t = model.config.stage1.candidate_threshold
+    return ValidationScores.concat([scan_scores(detector, c.case.name, c.case.volume, c.prep, (t,), use_stage2)[t]
+                                    for c in cases])
 
 
 def validation_findings(cases: Sequence[PreparedCase]) -> list[Finding]:
@@ -319,20 +298,8 @@ def validation_findings(cases: Sequence[PreparedCase]) -> list[Finding]:
     return out
 
 
-def choose_threshold(findings: Sequence[Finding], candidates: Sequence[EvalCandidate], scans: Sequence[str],
-                     fp_per_scan: float, bounds: tuple[float, float] = (0.3, 0.98)) -> float:
-    """Lowest probability threshold whose false positives per scan stay ≤ ``fp_per_scan`` (clipped)."""
-    result = evaluate(findings, candidates, scans, n_bootstrap=0)
-    fps = np.sort(result.matching.fp_probability)[::-1]
-    allowed = int(np.floor(fp_per_scan * len(scans)))
-    t = float(np.nextafter(fps[allowed], 1.0)) if len(fps) > allowed else bounds[0]
-    return float(np.clip(t, *bounds))
-
-
 StepHook = Callable[[str, int, int, float], bool]
 
-#: Stage 2 weights (``Stage2Config.weight``) tried on the validation data at the end of training.
-STAGE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 class Trainer:
@@ -523,16 +490,13 @@ class Trainer:
         if not self.val_cases or not self.val_findings:
             return None
         scores = validation_scores(self.model, self.val_cases, True, device=str(self.device))
-        scans = [c.case.name for c in self.val_cases]
-        cpm = {w: evaluate(self.val_findings, scores.candidates(w), scans, n_bootstrap=0).cpm for w in STAGE_WEIGHTS}
-        weight = max(STAGE_WEIGHTS, key=lambda w: (round(cpm[w], 6), w))  # ties: more weight on stage 2
-        log.info("validation CPM by stage 2 weight: %s; chosen %.2f",
-                 ", ".join(f"{w:.2f}: {v:.3f}" for w, v in cpm.items()), weight)
-        self.weight_cpm = cpm
-        self.model.config.stage2.weight = weight
-        t = choose_threshold(self.val_findings, scores.candidates(weight), scans, self.settings.target_fp_per_scan)
-        self.model.config.threshold = t
-        return t
+        t = self.model.config.stage1.candidate_threshold
+        point = choose_operating_point(self.val_findings, {t: scores}, [c.case.name for c in self.val_cases],
+                                       self.settings.target_fp_per_scan)
+        self.weight_cpm = {w: v for (_, w), v in point.grid.items()}
+        self.model.config.stage2.weight = point.weight
+        self.model.config.threshold = point.threshold
+        return point.threshold
 
 
 def _loss_stage1(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
