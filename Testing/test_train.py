@@ -100,6 +100,25 @@ def test_config_errors_are_one_line(tmp_path):
         load_config(bad)
     with pytest.raises(InputError, match="below 1000"):
         load_config(_write(tmp_path, dict(SHORT, train=[{"path": ".", "insert": {"seed": 1000}}])))
+    with pytest.raises(InputError, match="init_stages"):
+        load_config(_write(tmp_path, dict(SHORT, init_stages=["stage3"])))
+
+
+def test_fine_tuning_can_keep_stage1_and_train_stage2_afresh(tmp_path):
+    """``init_stages: ["stage1"]`` keeps the init model's U-net and starts the classifier from fresh weights (seeded):
+    with no steps at all, the result holds exactly the init U-net and a freshly built classifier."""
+    init = run_training(_write(tmp_path, SHORT), tmp_path / "init", device="cpu")
+    config = dict(SHORT, init_model=str(init), init_stages=["stage1"], stage1={"steps": 0}, stage2={"steps": 0},
+                  tissue_negatives=30, stage2_rotate=True)
+    settings = settings_from_config(config)
+    assert (settings.tissue_negatives, settings.stage2_rotate) == (30, True)
+    model = NoduleModel.load(run_training(_write(tmp_path, config), tmp_path / "tuned", device="cpu"))
+    before = NoduleModel.load(init)
+    fresh = NoduleModel.build(before.config, seed=SHORT["seed"]).state_tensors()
+    after = model.state_tensors()
+    for key, value in before.state_tensors().items():
+        assert torch.equal(after[key], value if key.startswith("stage1.") else fresh[key]), key
+    assert not any(r["stage"] in ("stage1", "stage2") for r in _log(tmp_path / "tuned"))
 
 
 def test_threshold_rule_and_ignore_spheres():

@@ -108,6 +108,8 @@ class TrainSettings:
             positives per scan stay at or below this.
         balance_lesions: stage 1 draws lesion patches per lesion (not per lesion voxel) and weights the voxels of
             small lesions up (``lesion_weight``); off, every lesion voxel is equally likely and weighs 1.
+        tissue_negatives: stage 2 negatives drawn per case from the host's dense tissue (``mine_candidates``).
+        stage2_rotate: stage 2 augmentation adds small rotations and scaling (``stage2_augmentation``).
     """
 
     stage1: StageSchedule = field(default_factory=StageSchedule)
@@ -121,6 +123,8 @@ class TrainSettings:
     target_fp_per_scan: float = 0.5
     augment: bool = True
     balance_lesions: bool = False
+    tissue_negatives: int = 150
+    stage2_rotate: bool = False
 
 
 @dataclass
@@ -208,10 +212,11 @@ def stage1_augmentation(spacing_mm: float) -> Compose:
     ])
 
 
-def stage2_augmentation(spacing_mm: float) -> Compose:
-    """Augmentation of HU patches around candidates."""
+def stage2_augmentation(spacing_mm: float, rotate: bool = False) -> Compose:
+    """Augmentation of HU patches around candidates (``rotate``: also rotations up to 15° and scaling ±10%)."""
     return Compose([
-        RandomFlip(), RandomRot90(), RandomSliceThickness((0.6, 5.0), spacing=(spacing_mm,) * 3),
+        RandomFlip(), RandomRot90(), *([RandomAffine(degrees=15.0, scales=(0.9, 1.1))] if rotate else []),
+        RandomSliceThickness((0.6, 5.0), spacing=(spacing_mm,) * 3),
         RandomIntensity(scale=(0.95, 1.05), offset=(-20.0, 20.0)), RandomNoise(std=(0.0, 15.0)),
     ])
 
@@ -455,13 +460,14 @@ class Trainer:
         """Mine candidates with the trained stage 1, then optimise the classifier on balanced batches."""
         s = self.settings
         cfg = self.model.config.stage2
-        samples = mine_candidates(self.model, self.train_cases, np.random.default_rng(s.seed + 2), str(self.device))
+        samples = mine_candidates(self.model, self.train_cases, np.random.default_rng(s.seed + 2), str(self.device),
+                                  dense_per_case=s.tissue_negatives)
         pos = np.flatnonzero(samples.labels == 1)
         neg = np.flatnonzero(samples.labels == 0)
         log.info("stage 2: %d positives, %d negatives (%s)", len(pos), len(neg), samples.counts())
         if len(pos) == 0:
             raise ValueError("no positive samples for stage 2: the training cases have no lesions")
-        augs = [stage2_augmentation(sc) if s.augment else None for sc in cfg.scales_mm]
+        augs = [stage2_augmentation(sc, s.stage2_rotate) if s.augment else None for sc in cfg.scales_mm]
 
         def batch(rng: np.random.Generator):
             half = s.stage2.batch // 2

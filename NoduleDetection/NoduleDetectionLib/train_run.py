@@ -5,6 +5,7 @@
     {
       "seed": 0,
       "init_model": null,                  # or a model file to fine-tune
+      "init_stages": ["stage1", "stage2"], # the stages that start from init_model (others start afresh)
       "model": {...},                      # ModelConfig fields (ignored when fine-tuning)
       "train": [SOURCE, ...],
       "validation": [SOURCE, ...],
@@ -12,7 +13,9 @@
       "stage2": {"steps": 600, "batch": 32, "lr": 0.001},
       "patch1": 48, "validate_every": 250, "patience": 4,
       "time_budget_minutes": 110, "target_fp_per_scan": 0.5,
-      "balance_lesions": false             # stage 1: sample lesions per lesion, weight small ones up
+      "balance_lesions": false,            # stage 1: sample lesions per lesion, weight small ones up
+      "tissue_negatives": 150,             # stage 2: negatives per case from the host's dense tissue
+      "stage2_rotate": false               # stage 2: augment with small rotations and scaling too
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "insert": null | {"lesions_per_scan": 20,
@@ -62,6 +65,8 @@ from .train import PreparedCase, StageSchedule, Trainer, TrainingCase, TrainSett
 
 log = logging.getLogger(__name__)
 
+#: The two networks of a model, as named in ``init_stages``.
+STAGES = ("stage1", "stage2")
 #: Training insertion seeds must stay below this; validation lesion sets use seeds from it upwards.
 VALIDATION_SEED_BASE = 1000
 
@@ -87,6 +92,9 @@ def load_config(path: str | os.PathLike) -> dict:
                 raise InputError(f"training insertion seeds must be below {VALIDATION_SEED_BASE} "
                                  f"(validation lesion sets use {VALIDATION_SEED_BASE} and above)")
             lesion_mix(ins.get("mix") or {})
+    stages = config.get("init_stages", list(STAGES))
+    if not isinstance(stages, list) or not set(stages) <= set(STAGES):
+        raise InputError(f"init_stages must be a list of {' and '.join(STAGES)}, got {stages!r}")
     if config.get("init_model") and not Path(config["init_model"]).is_absolute():
         config["init_model"] = str((base / config["init_model"]).resolve())
     return config
@@ -108,6 +116,8 @@ def settings_from_config(config: dict) -> TrainSettings:
         target_fp_per_scan=float(config.get("target_fp_per_scan", d.target_fp_per_scan)),
         augment=bool(config.get("augment", True)),
         balance_lesions=bool(config.get("balance_lesions", d.balance_lesions)),
+        tissue_negatives=int(config.get("tissue_negatives", d.tissue_negatives)),
+        stage2_rotate=bool(config.get("stage2_rotate", d.stage2_rotate)),
     )
 
 
@@ -224,6 +234,11 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
     if config.get("init_model"):
         model = NoduleModel.load(config["init_model"])
         model.config.card = {}
+        afresh = [s for s in STAGES if s not in config.get("init_stages", STAGES)]
+        if afresh:
+            fresh = NoduleModel.build(model.config, seed=settings.seed)
+            for stage in afresh:
+                setattr(model, stage, getattr(fresh, stage))
     else:
         model = NoduleModel.build(ModelConfig.from_dict({**_default_model_dict(), **config.get("model", {})}),
                                   seed=settings.seed)
@@ -360,7 +375,10 @@ def plot_log(log_path: Path, png_path: Path) -> Path:
             ax2.plot(*zip(*vals), "o-", color="C3", label="validation CPM")
             ax2.set_ylim(0, 1)
             ax2.set_ylabel("validation CPM", color="C3")
-        ax.legend(loc="upper right", fontsize=8)
+        if loss:
+            ax.legend(loc="upper right", fontsize=8)
+        else:  # e.g. a stage kept from the init model
+            ax.text(0.5, 0.5, "not trained in this run", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     with atomic_path(png_path, overwrite=True) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
