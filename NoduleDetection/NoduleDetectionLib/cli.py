@@ -28,6 +28,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="where the networks run (default: auto = cuda if available)")
 
 
+def _add_dataset_options(p: argparse.ArgumentParser) -> None:
+    """``DATASET``, ``-o OUTDIR``, the model options and ``--scans``, shared by the commands that run the
+    detector over an annotated data set."""
+    p.add_argument("dataset", metavar="DATASET", help="data set folder with nodule annotations")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
+    _add_model_options(p)
+    p.add_argument("--scans", default=None, metavar="LIST",
+                   help="only these scans: seriesuids or ct/ entry names, one per line")
+
+
 def _add_detect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "detect",
@@ -124,13 +134,9 @@ def _add_evaluate_detector(sub: argparse._SubParsersAction) -> None:
             "'evaluate' does. Writes candidates.csv, report.json, report.md and the FROC outputs into OUTDIR."
         ),
     )
-    p.add_argument("dataset", metavar="DATASET", help="data set folder")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
+    _add_dataset_options(p)
     p.add_argument("--threshold", type=float, default=0.0, metavar="P",
                    help="keep candidates with probability >= P (default 0: all, so the FROC covers the curve)")
-    _add_model_options(p)
-    p.add_argument("--scans", default=None, metavar="LIST",
-                   help="only these scans: seriesuids or ct/ entry names, one per line")
     _add_bootstrap_options(p)
     p.set_defaults(func=_run_evaluate_detector)
 
@@ -229,11 +235,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
             "changed; report the calibrated model's accuracy on other scans than DATASET's."
         ),
     )
-    p.add_argument("dataset", metavar="DATASET", help="data set folder with nodule annotations")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
-    _add_model_options(p)
-    p.add_argument("--scans", default=None, metavar="LIST",
-                   help="only these scans: seriesuids or ct/ entry names, one per line")
+    _add_dataset_options(p)
     p.add_argument("--candidate-thresholds", type=float, nargs="+", default=None, metavar="T",
                    help="stage 1 candidate thresholds to try (default 0.05 0.1 0.2 0.3)")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
