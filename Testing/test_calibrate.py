@@ -15,9 +15,11 @@ FINDINGS = [Finding("a", (0.0, 0.0, 0.0), 10.0, "nodule"), Finding("b", (0.0, 0.
 
 
 def _scores(rows):
-    """ValidationScores from rows (scan, x, stage 1 score, stage 2 probability); y = z = 0."""
-    return ValidationScores([r[0] for r in rows], np.array([[r[1], 0.0, 0.0] for r in rows]),
-                            np.array([r[2] for r in rows], np.float32), np.array([r[3] for r in rows], np.float32))
+    """ValidationScores from rows (scan, x, stage 1 probability, stage 2 probability, [stage 1 logit]); y = z = 0."""
+    p1 = np.array([r[2] for r in rows], float)
+    logit = np.array([r[4] if len(r) > 4 else np.log(r[2] / (1 - r[2])) for r in rows], float)
+    return ValidationScores([r[0] for r in rows], np.array([[r[1], 0.0, 0.0] for r in rows]), p1, logit,
+                            np.array([r[3] for r in rows], float))
 
 
 def test_operating_point_prefers_the_candidate_threshold_and_weight_that_find_more():
@@ -26,10 +28,10 @@ def test_operating_point_prefers_the_candidate_threshold_and_weight_that_find_mo
     high = _scores([("a", 0.0, 0.9, 0.9), ("b", 50.0, 0.5, 0.01)])
     low = _scores([("a", 0.0, 0.9, 0.9), ("b", 50.0, 0.5, 0.01), ("b", 0.0, 0.15, 0.95)])
     point = choose_operating_point(FINDINGS, {0.3: high, 0.1: low}, ["a", "b"], fp_per_scan=0.5)
-    assert (point.candidate_threshold, point.weight) == (0.1, 1.0)
+    assert (point.candidate_threshold, point.temperature, point.weight) == (0.1, None, 1.0)
     assert point.cpm == pytest.approx(1.0)
-    assert point.grid[(0.3, 1.0)] == pytest.approx(0.5)  # one of two nodules, never more
-    assert point.grid[(0.1, 0.0)] < point.grid[(0.1, 1.0)]  # stage 1 alone ranks the false positive first
+    assert point.grid[(0.3, None, 1.0)][0] == pytest.approx(0.5)  # one of two nodules, never more
+    assert point.grid[(0.1, None, 0.0)][0] < point.grid[(0.1, None, 1.0)][0]  # stage 1 alone ranks the FP first
     # One false positive is allowed on 2 scans at 0.5 FP/scan: the lowest threshold keeps all; clipped at 0.3.
     assert point.threshold == pytest.approx(0.3)
 
@@ -37,7 +39,26 @@ def test_operating_point_prefers_the_candidate_threshold_and_weight_that_find_mo
 def test_operating_point_ties_go_to_fewer_candidates_then_more_stage2():
     same = _scores([("a", 0.0, 0.9, 0.9), ("b", 0.0, 0.8, 0.8)])
     point = choose_operating_point(FINDINGS, {0.1: same, 0.2: same}, ["a", "b"], fp_per_scan=0.5)
-    assert (point.candidate_threshold, point.weight) == (0.2, 1.0)
+    assert (point.candidate_threshold, point.temperature, point.weight) == (0.2, None, 1.0)
+
+
+def test_score_temperature_separates_saturated_probabilities():
+    """Two nodules and four false positives, all at probability 1 in float terms; their logits differ (nodules
+    30 and 28, false positives 25-20). By probability the six tie; by logit the nodules come first, and a
+    temperature maps the cut between them and the false positives into the threshold range, so the default
+    threshold keeps to 0.5 FP/scan, which no threshold on the saturated probabilities can."""
+    rows = [("a", 0.0, 1.0, 1.0, 30.0), ("b", 0.0, 1.0, 1.0, 28.0)]
+    rows += [(scan, 50.0 + n, 1.0, 1.0, logit) for n, (scan, logit) in
+             enumerate([("a", 25.0), ("a", 22.0), ("b", 21.0), ("b", 20.0)])]
+    point = choose_operating_point(FINDINGS, {0.2: _scores(rows)}, ["a", "b"], fp_per_scan=0.5, weights=(0.0,),
+                                   temperatures=(None, 1.0, 8.0, 16.0))
+    assert point.grid[(0.2, None, 0.0)][2] > 0.5  # saturated: the threshold cannot drop the false positives
+    assert point.temperature in (8.0, 16.0) and point.cpm == pytest.approx(1.0)
+    assert point.temperature == 8.0  # ties: the lowest temperature that keeps to the FP target
+    # With T = 8 the one false positive allowed (2 scans x 0.5) is the 25-logit one: the threshold sits just
+    # above the next, sigmoid(22 / 8).
+    assert point.threshold == pytest.approx(1 / (1 + np.exp(-22 / 8)), abs=1e-6)
+    assert point.grid[(0.2, 8.0, 0.0)][2] <= 0.5
 
 
 def _phantom_folder(root, n_scans=2):
@@ -57,14 +78,16 @@ def test_calibrate_command_writes_a_model_with_the_chosen_values(tmp_path, tiny_
     assert main(["calibrate", str(data), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu",
                  "--candidate-thresholds", "0.1", "0.5", "--weights", "0", "1"]) == 0
     record = json.loads((out / "calibration.json").read_text())
-    grid = record["cpm_by_candidate_threshold_and_weight"]
-    assert set(grid) == {"0.1", "0.5"} and all(set(row) == {"0", "1"} for row in grid.values())
+    tried = record["tried"]
+    assert {(r["candidate_threshold"], r["stage2_weight"]) for r in tried} == {(0.1, 0), (0.1, 1), (0.5, 0), (0.5, 1)}
+    assert len(tried) == 4 * 6  # and every default score temperature
     chosen = record["chosen"]
-    assert chosen["cpm"] == max(v for row in grid.values() for v in row.values())
+    assert chosen["cpm"] == max(r["cpm"] for r in tried)
     model = NoduleModel.load(out / "model.safetensors")
     original = NoduleModel.load(tiny_model_path)
     assert model.config.stage1.candidate_threshold == chosen["candidate_threshold"]
     assert model.config.stage2.weight == chosen["stage2_weight"]
+    assert model.config.stage1.score_temperature == chosen["score_temperature"]
     assert model.config.threshold == pytest.approx(chosen["threshold"])
     assert model.config.card["calibration"]["nodules"] == 4
     assert model.config.card["name"] == original.config.card["name"]  # the rest of the card is kept

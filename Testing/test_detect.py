@@ -75,3 +75,30 @@ def test_fuse_scores():
     np.testing.assert_allclose(fuse_scores(s1, s2, 1.0), s2)
     np.testing.assert_allclose(fuse_scores(s1, s2, 0.0), s1)
     np.testing.assert_allclose(fuse_scores(s1, s2, 0.5), [np.sqrt(0.5), 0.5, 0.0], rtol=1e-6)
+
+
+def test_stage1_score_by_logit_through_a_temperature(tiny_model_path):
+    """Without a score temperature no logit map is made and a candidate's score is its region's highest probability;
+    with one, the score is sigmoid(highest logit / T), the ranking by logit."""
+    import copy
+
+    from NoduleDetectionLib.preprocess import prepare
+
+    detector = Detector.load(tiny_model_path, device="cpu")
+    ph = make_phantom(np.random.default_rng(5), n_nodules=2, diameters_mm=(8.0, 12.0))
+    prep = prepare(ph.volume, detector.config.stage1.spacing_mm, detector.config.hu_window)
+    prob, logit = detector.stage1_maps(prep.image)
+    assert logit is None
+    prob2, logit = detector.stage1_maps(prep.image, logits=True)
+    assert np.array_equal(prob, prob2)
+    cands, regions = detector.candidates(prob, prep.lung, prep.geometry)
+    assert cands
+    for c in cands:
+        assert c.score == pytest.approx(float(prob[regions == c.region].max()))
+    model = copy.deepcopy(detector.model)
+    model.config.stage1.score_temperature = 4.0
+    tempered = Detector(model, device="cpu")
+    cands_t, regions_t = tempered.candidates(prob, prep.lung, prep.geometry, logit=logit)
+    for c in cands_t:
+        assert c.score == pytest.approx(1 / (1 + np.exp(-float(logit[regions_t == c.region].max()) / 4.0)))
+    assert [c.score for c in cands_t] == sorted((c.score for c in cands_t), reverse=True)

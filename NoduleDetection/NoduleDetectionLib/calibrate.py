@@ -1,18 +1,22 @@
 """Choosing a model's operating point on annotated scans, without changing its networks.
 
-Three numbers of a model decide what the detector reports, besides its weights: stage 1's candidate threshold
-(``Stage1Config.candidate_threshold``: a lower one proposes fainter regions), the weight of stage 2 against
-stage 1 in a finding's probability (``Stage2Config.weight``, see ``detect.fuse_scores``) and the default
-reporting threshold (``ModelConfig.threshold``). Training picks the weight and the threshold on its validation
-cases (``Trainer.choose_threshold``); ``calibrate`` picks all three afresh on a data set of annotated scans
-(real nodules, or lesions inserted by ``make-lesion-dataset``) and writes a copy of the model with them:
+Four numbers of a model decide what the detector reports, besides its weights: stage 1's candidate threshold
+(``Stage1Config.candidate_threshold``: a lower one proposes fainter regions), how stage 1 scores a candidate
+(``Stage1Config.score_temperature``: its highest probability, or its highest logit through a temperature, which
+keeps candidates apart where the probability saturates at 1), the weight of stage 2 against stage 1 in a
+finding's probability (``Stage2Config.weight``, see ``detect.fuse_scores``) and the default reporting threshold
+(``ModelConfig.threshold``). Training picks the weight and the threshold on its validation cases
+(``Trainer.choose_threshold``); ``calibrate`` picks all four afresh on a data set of annotated scans (real
+nodules, or lesions inserted by ``make-lesion-dataset``) and writes a copy of the model with them:
 
 1. per scan, stage 1 runs once; its candidates are taken at each candidate threshold tried, with masses
    as ``Detector.detect`` finds them, and stage 2 scores them (``scan_scores``);
-2. the (candidate threshold, stage weight) pair with the best CPM of the project's LUNA16 evaluator wins
-   (ties: the higher candidate threshold, then the larger weight; ``choose_operating_point``);
-3. the default threshold is the lowest probability with at most ``fp_per_scan`` false positives per scan on
-   the same scans (``choose_threshold``).
+2. every (candidate threshold, score temperature, stage weight) triple is scored by the CPM of the project's
+   LUNA16 evaluator, and its default threshold is the lowest probability with at most ``fp_per_scan`` false
+   positives per scan on the same scans (``choose_threshold``, clipped to 0.3-0.98);
+3. the best CPM wins; ties go to a triple whose clipped threshold still keeps to ``fp_per_scan``, then to the
+   higher candidate threshold, the larger weight, and the highest-probability score (no temperature), then
+   the lowest temperature (``choose_operating_point``).
 
 The scans used here become part of the model's tuning: report a model's accuracy on other scans.
 """
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from .atomic import check_writable, write_text_atomic
 from .datasets import Dataset, Finding
@@ -43,29 +48,35 @@ log = logging.getLogger(__name__)
 STAGE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: Stage 1 candidate thresholds ``calibrate`` tries by default.
 CANDIDATE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
+#: Stage 1 score temperatures (``Stage1Config.score_temperature``) ``calibrate`` tries by default.
+SCORE_TEMPERATURES = (None, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 @dataclass
 class ValidationScores:
-    """Candidates of annotated scans: scan name, centre (LPS mm), stage 1 score, stage 2 probability."""
+    """Candidates of annotated scans: scan name, centre (LPS mm), stage 1 highest probability and highest logit
+    in the candidate's region, stage 2 probability."""
 
     scans: list[str]
     centers: np.ndarray
     stage1: np.ndarray
+    stage1_logit: np.ndarray
     stage2: np.ndarray
 
-    def candidates(self, weight: float | None) -> list[Candidate]:
-        """As evaluation candidates scored by stage 1 alone (``None``) or ``fuse_scores`` with ``weight``."""
-        p = self.stage1 if weight is None else fuse_scores(self.stage1, self.stage2, weight)
+    def candidates(self, weight: float | None, temperature: float | None = None) -> list[Candidate]:
+        """As evaluation candidates scored by stage 1 alone (``weight`` ``None``) or ``fuse_scores`` with
+        ``weight``; stage 1's score is its highest probability, or ``sigmoid(logit / temperature)``."""
+        s1 = self.stage1 if temperature is None else 1.0 / (1.0 + np.exp(-self.stage1_logit / temperature))
+        p = s1 if weight is None else fuse_scores(s1, self.stage2, weight)
         return [Candidate(s, tuple(map(float, xyz)), float(v)) for s, xyz, v in zip(self.scans, self.centers, p)]
 
     @classmethod
     def concat(cls, parts: Sequence[ValidationScores]) -> ValidationScores:
         """One table of several scans' scores."""
-        return cls([s for p in parts for s in p.scans],
-                   np.concatenate([p.centers for p in parts]) if parts else np.zeros((0, 3)),
-                   np.concatenate([p.stage1 for p in parts]) if parts else np.zeros(0, np.float32),
-                   np.concatenate([p.stage2 for p in parts]) if parts else np.zeros(0, np.float32))
+        if not parts:
+            return cls([], np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros(0))
+        return cls([s for p in parts for s in p.scans], *(np.concatenate([getattr(p, name) for p in parts])
+                                                          for name in ("centers", "stage1", "stage1_logit", "stage2")))
 
 
 def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared, thresholds: Sequence[float],
@@ -76,20 +87,23 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
     probabilities are zeros unless ``use_stage2``. ``with_masses``: add the masses ``Detector.detect`` would
     report (scored 1 by both stages) and drop the candidates centred in them, as ``detect`` does.
     """
-    prob = detector.probability_map(prep.image)
+    prob, logit = detector.stage1_maps(prep.image, logits=True)
     out = {}
     for t in thresholds:
         p = prob.copy() if with_masses else prob  # ``Detector.masses`` writes into its map
-        cands, regions = detector.candidates(p, prep.lung, prep.geometry, threshold=t)
+        cands, regions = detector.candidates(p, prep.lung, prep.geometry, threshold=t, logit=logit)
         masses = detector.masses(prep, p, regions) if with_masses else []
         cands = detector.outside_masses(cands, masses, regions, prep.geometry)
+        ids = [c.region for c in cands]
         xyz = np.array([c.center_lps for c in cands]).reshape(-1, 3)
         s2 = detector.classify(volume, xyz) if use_stage2 else np.zeros(len(cands), np.float32)
+        ones = np.ones(len(masses))
         out[t] = ValidationScores(
             [name] * (len(cands) + len(masses)),
             np.concatenate([xyz, np.array([m.center_lps for m in masses]).reshape(-1, 3)]),
-            np.asarray([c.score for c in cands] + [1.0] * len(masses), np.float32),
-            np.concatenate([s2, np.ones(len(masses), np.float32)]),
+            np.concatenate([np.asarray(ndimage.maximum(p, regions, ids), float).reshape(-1), ones]),
+            np.concatenate([np.asarray(ndimage.maximum(logit, regions, ids), float).reshape(-1), ones * np.inf]),
+            np.concatenate([s2.astype(float), ones]),
         )
     return out
 
@@ -106,39 +120,56 @@ def choose_threshold(findings: Sequence[Finding], candidates: Sequence[Candidate
 
 @dataclass
 class OperatingPoint:
-    """What ``choose_operating_point`` chose, and the CPM of every pair it tried (``grid[(t, w)]``)."""
+    """What ``choose_operating_point`` chose, and what every triple it tried gave: ``grid[(t, T, w)]`` = (CPM,
+    default threshold, false positives per scan at that threshold)."""
 
     candidate_threshold: float
+    temperature: float | None
     weight: float
     threshold: float
     cpm: float
-    grid: dict[tuple[float, float], float]
+    grid: dict[tuple[float, float | None, float], tuple[float, float, float]]
 
 
 def choose_operating_point(findings: Sequence[Finding], scores: dict[float, ValidationScores], scans: Sequence[str],
-                           fp_per_scan: float, weights: Sequence[float] = STAGE_WEIGHTS) -> OperatingPoint:
-    """The (candidate threshold, stage weight) pair of best CPM, then the default threshold for it.
+                           fp_per_scan: float, weights: Sequence[float] = STAGE_WEIGHTS,
+                           temperatures: Sequence[float | None] = (None,)) -> OperatingPoint:
+    """The (candidate threshold, score temperature, stage weight) triple of best CPM and its default threshold.
 
-    ``scores``: candidates per candidate threshold (``scan_scores``, all scans). Ties go to the higher
-    candidate threshold (fewer candidates), then to the larger stage 2 weight.
+    ``scores``: candidates per candidate threshold (``scan_scores``, all scans). Ties: see the module docs.
     """
-    grid = {(t, w): evaluate(findings, s.candidates(w), scans, n_bootstrap=0).cpm
-            for t, s in scores.items() for w in weights}
-    t, w = max(grid, key=lambda tw: (round(grid[tw], 6), tw[0], tw[1]))
-    threshold = choose_threshold(findings, scores[t].candidates(w), scans, fp_per_scan)
-    log.info("CPM by (candidate threshold, stage 2 weight): %s; chosen (%g, %g), threshold %.3f",
-             ", ".join(f"({a:g}, {b:g}): {v:.3f}" for (a, b), v in grid.items()), t, w, threshold)
-    return OperatingPoint(float(t), float(w), threshold, grid[(t, w)], grid)
+    grid = {}
+    for t, s in scores.items():
+        for temp in temperatures:
+            for w in weights:
+                cands = s.candidates(w, temp)
+                result = evaluate(findings, cands, scans, n_bootstrap=0)
+                threshold = choose_threshold(findings, cands, scans, fp_per_scan)
+                fps = float((result.matching.fp_probability >= threshold).sum()) / len(scans)
+                grid[(t, temp, w)] = (result.cpm, threshold, fps)
+
+    def preference(key):
+        t, temp, w = key
+        cpm, _, fps = grid[key]
+        return round(cpm, 6), fps <= fp_per_scan, t, w, temp is None, -(temp or 0.0)
+
+    t, temp, w = max(grid, key=preference)
+    cpm, threshold, fps = grid[(t, temp, w)]
+    log.info("chosen: candidate threshold %g, score temperature %s, stage 2 weight %g: CPM %.3f; threshold %.3f "
+             "(%.2f FP/scan)", t, temp, w, cpm, threshold, fps)
+    return OperatingPoint(float(t), temp, float(w), threshold, cpm, grid)
 
 
 def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str | os.PathLike | None = None,
               scans: Sequence[str] | None = None, candidate_thresholds: Sequence[float] | None = None,
-              weights: Sequence[float] | None = None, fp_per_scan: float = 0.5, device: str = "auto",
+              weights: Sequence[float] | None = None, temperatures: Sequence[float | None] | None = None,
+              fp_per_scan: float = 0.5, device: str = "auto",
               overwrite: bool = False, progress: Callable[[str, float], None] | None = None) -> dict[str, Path]:
     """Choose ``model``'s operating point on the annotated scans of ``dataset`` (see the module docs).
 
     ``dataset``: a LUNA16 or shared-layout folder (``datasets``); ``scans`` restricts it. The pairs tried are
-    ``candidate_thresholds`` (default ``CANDIDATE_THRESHOLDS``) × ``weights`` (default ``STAGE_WEIGHTS``). Writes
+    ``candidate_thresholds`` (default ``CANDIDATE_THRESHOLDS``) × ``temperatures`` (default ``SCORE_TEMPERATURES``;
+    ``None``: score by the highest probability) × ``weights`` (default ``STAGE_WEIGHTS``). Writes
     ``model.safetensors`` (the model with the chosen candidate threshold, stage weight and threshold, and a
     ``calibration`` entry in its card), ``calibration.json`` and ``calibration.md`` into ``outdir``; returns
     their paths. ``progress(scan name, fraction done)``.
@@ -149,6 +180,9 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     weights = STAGE_WEIGHTS if weights is None else weights
     if not candidate_thresholds or not weights:
         raise InputError("give at least one candidate threshold and one stage 2 weight")
+    temperatures = SCORE_TEMPERATURES if temperatures is None else temperatures
+    if any(x is not None and x <= 0 for x in temperatures):
+        raise InputError(f"score temperatures must be positive, got {list(temperatures)}")
     for t in list(candidate_thresholds) + list(weights):
         if not 0.0 <= float(t) <= 1.0:
             raise InputError(f"candidate thresholds and stage 2 weights must be between 0 and 1, got {t}")
@@ -177,19 +211,24 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     if progress is not None:
         progress("done", 1.0)
     scores = {t: ValidationScores.concat(p) for t, p in parts.items()}
-    before = {"candidate_threshold": cfg.stage1.candidate_threshold, "stage2_weight": cfg.stage2.weight,
+    before = {"candidate_threshold": cfg.stage1.candidate_threshold,
+              "score_temperature": cfg.stage1.score_temperature, "stage2_weight": cfg.stage2.weight,
               "threshold": cfg.threshold}
-    point = choose_operating_point(ds.findings(), scores, ds.seriesuids, fp_per_scan, sorted(set(map(float, weights))))
-    cfg.stage1.candidate_threshold, cfg.stage2.weight, cfg.threshold = point.candidate_threshold, point.weight, \
-        point.threshold
+    point = choose_operating_point(ds.findings(), scores, ds.seriesuids, fp_per_scan, sorted(set(map(float, weights))),
+                                   list(temperatures))
+    cfg.stage1.candidate_threshold = point.candidate_threshold
+    cfg.stage1.score_temperature = point.temperature
+    cfg.stage2.weight = point.weight
+    cfg.threshold = point.threshold
     record = {
         "dataset": str(ds.root), "scans": len(ds.scans),
         "nodules": sum(1 for f in ds.findings() if f.status == "nodule"),
         "model": str(model) if model else "shipped", "fp_per_scan": fp_per_scan, "before": before,
-        "chosen": {"candidate_threshold": point.candidate_threshold, "stage2_weight": point.weight,
-                   "threshold": point.threshold, "cpm": point.cpm},
-        "cpm_by_candidate_threshold_and_weight": {
-            f"{t:g}": {f"{w:g}": v for (tt, w), v in point.grid.items() if tt == t} for t in thresholds},
+        "chosen": {"candidate_threshold": point.candidate_threshold, "score_temperature": point.temperature,
+                   "stage2_weight": point.weight, "threshold": point.threshold, "cpm": point.cpm},
+        "tried": [{"candidate_threshold": t, "score_temperature": temp, "stage2_weight": w, "cpm": cpm,
+                   "threshold": th, "fp_per_scan_at_threshold": fps}
+                  for (t, temp, w), (cpm, th, fps) in point.grid.items()],
         "seconds": round(time.perf_counter() - t0, 1),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -203,25 +242,30 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
 
 def calibration_markdown(record: dict) -> str:
     """A calibration record (``calibrate``) as a short Markdown report."""
-    grid = record["cpm_by_candidate_threshold_and_weight"]
-    weights = list(next(iter(grid.values())))
-    chosen = record["chosen"]
+    chosen, before = record["chosen"], record["before"]
+    rows = sorted(record["tried"], key=lambda r: (-r["cpm"], r["fp_per_scan_at_threshold"]))
+
+    def temp(value: float | None) -> str:
+        return "probability" if value is None else f"logit / {value:g}"
+
     lines = [
         f"# Calibration on {record['dataset']}", "",
         f"Model: {record['model']}; {record['scans']} scans, {record['nodules']} nodules; {record['seconds']:.0f} s.",
-        "", "CPM by stage 1 candidate threshold (rows) and stage 2 weight (columns):", "",
-        "| candidate threshold | " + " | ".join(f"w = {w}" for w in weights) + " |",
-        "|---|" + "---|" * len(weights),
+        "", f"The {min(len(rows), 15)} best of {len(rows)} settings tried (all in calibration.json):", "",
+        "| candidate threshold | stage 1 score | stage 2 weight | CPM | default threshold | FP/scan there |",
+        "|---|---|---|---|---|---|",
     ]
-    for t, row in grid.items():
-        cells = [f"**{v:.3f}**" if (float(t), float(w)) == (chosen["candidate_threshold"], chosen["stage2_weight"])
-                 else f"{v:.3f}" for w, v in row.items()]
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    before = record["before"]
+    for r in rows[:15]:
+        mark = "**" if (r["candidate_threshold"], r["score_temperature"], r["stage2_weight"]) == (
+            chosen["candidate_threshold"], chosen["score_temperature"], chosen["stage2_weight"]) else ""
+        lines.append(f"| {mark}{r['candidate_threshold']:g}{mark} | {temp(r['score_temperature'])} | "
+                     f"{r['stage2_weight']:g} | {r['cpm']:.3f} | {r['threshold']:.3f} | "
+                     f"{r['fp_per_scan_at_threshold']:.2f} |")
     lines += [
         "", f"Chosen: candidate threshold {chosen['candidate_threshold']:g} (was {before['candidate_threshold']:g}), "
-        f"stage 2 weight {chosen['stage2_weight']:g} (was {before['stage2_weight']:g}), default threshold "
-        f"{chosen['threshold']:.3f} (was {before['threshold']:.3f}; the lowest with at most {record['fp_per_scan']:g} "
-        "false positives per scan here). These scans tuned the model: measure its accuracy on others.", "",
+        f"stage 1 score {temp(chosen['score_temperature'])} (was {temp(before['score_temperature'])}), stage 2 weight "
+        f"{chosen['stage2_weight']:g} (was {before['stage2_weight']:g}), default threshold {chosen['threshold']:.3f} "
+        f"(was {before['threshold']:.3f}; the lowest with at most {record['fp_per_scan']:g} false positives per scan "
+        "here, within 0.3-0.98). These scans tuned the model: measure its accuracy on others.", "",
     ]
     return "\n".join(lines)

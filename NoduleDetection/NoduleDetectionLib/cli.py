@@ -229,7 +229,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         help="choose a model's candidate threshold, stage weight and default threshold on annotated scans",
         description=(
             "Run the model over every scan of DATASET (LUNA16 or shared layout, as for evaluate-detector), "
-            "choose the stage 1 candidate threshold and the stage 2 weight with the best CPM, then the default "
+            "choose the stage 1 candidate threshold, the stage 1 score (highest probability, or highest logit "
+            "through a temperature of 1, 2, 4, 8 or 16) and the stage 2 weight with the best CPM, with the default "
             "threshold (the lowest with at most FP false positives per scan), and write OUTDIR/model.safetensors "
             "(the same networks with these values), calibration.json and calibration.md. The networks are not "
             "changed; report the calibrated model's accuracy on other scans than DATASET's."

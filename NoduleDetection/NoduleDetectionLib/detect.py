@@ -237,14 +237,25 @@ class Detector:
 
     def probability_map(self, image: np.ndarray, progress: ProgressCallback | None = None,
                         cancel: CancelCallback | None = None) -> np.ndarray:
-        """Stage 1 on a normalised working-grid image ``[k, j, i]`` → probability ``float32 [k, j, i]``.
+        """Stage 1 on a normalised working-grid image ``[k, j, i]`` → probability ``float32 [k, j, i]``."""
+        return self.stage1_maps(image, progress, cancel, logits=False)[0]
 
-        Runs in overlapping box tiles (``tile_layout``), averaged where they overlap.
+    def stage1_maps(self, image: np.ndarray, progress: ProgressCallback | None = None,
+                    cancel: CancelCallback | None = None,
+                    logits: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stage 1 on a normalised working-grid image ``[k, j, i]`` → probability and mean logit ``float32 [k, j, i]``.
+
+        Runs in overlapping box tiles (``tile_layout``), averaged where they overlap. The logit map is made when
+        ``logits`` is true (``None``: when the model scores candidates by logits, ``score_temperature``), else
+        it is ``None``.
         """
+        if logits is None:
+            logits = self.config.stage1.score_temperature is not None
         div = self.model.stage1.divisor
         pads = [(0, (-n) % div) for n in image.shape]
         padded = np.pad(image, pads, mode="constant", constant_values=0.0)
         acc = np.zeros(padded.shape, np.float32)
+        acc_logit = np.zeros(padded.shape, np.float32) if logits else None
         cnt = np.zeros(padded.shape, np.float32)
         (tz, ty, tx), starts = tile_layout(padded.shape, self.config.stage1.tile, div)
         boxes = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
@@ -255,21 +266,26 @@ class Detector:
                     raise Cancelled("detection cancelled")
                 sl = (slice(z, z + tz), slice(y, y + ty), slice(x, x + tx))
                 t = torch.from_numpy(np.ascontiguousarray(padded[sl]))[None, None].to(self.device)
-                logits = self.stage1(t.to(memory_format=fmt))
-                acc[sl] += torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+                out = self.stage1(t.to(memory_format=fmt)).float()
+                acc[sl] += torch.sigmoid(out)[0, 0].cpu().numpy()
+                if acc_logit is not None:
+                    acc_logit[sl] += out[0, 0].cpu().numpy()
                 cnt[sl] += 1.0
                 if progress:
                     progress("stage 1 (U-net)", (n + 1) / len(boxes))
-        prob = acc / np.maximum(cnt, 1.0)
-        return prob[: image.shape[0], : image.shape[1], : image.shape[2]]
+        crop = (slice(0, image.shape[0]), slice(0, image.shape[1]), slice(0, image.shape[2]))
+        cnt = np.maximum(cnt, 1.0)
+        prob = (acc / cnt)[crop]
+        return prob, None if acc_logit is None else (acc_logit / cnt)[crop]
 
-    def candidates(self, prob: np.ndarray, lung: np.ndarray, geometry: Geometry,
-                   threshold: float | None = None) -> tuple[list[Candidate], np.ndarray]:
+    def candidates(self, prob: np.ndarray, lung: np.ndarray, geometry: Geometry, threshold: float | None = None,
+                   logit: np.ndarray | None = None) -> tuple[list[Candidate], np.ndarray]:
         """Connected regions of ``prob`` above ``threshold`` (default: the model's candidate threshold) inside
         the lung mask.
 
-        Returns the candidates (highest stage 1 score first, at most ``max_candidates``) and the region
-        map ``int32 [k, j, i]`` on the working grid.
+        A region's score is its highest probability or, with ``logit`` (``stage1_maps``) and the model's
+        ``score_temperature`` T, ``sigmoid(max logit / T)``. Returns the candidates (highest score first, at most
+        ``max_candidates``) and the region map ``int32 [k, j, i]`` on the working grid.
         """
         cfg = self.config.stage1
         threshold = cfg.candidate_threshold if threshold is None else threshold
@@ -277,7 +293,11 @@ class Detector:
         if n == 0:
             return [], regions
         index = np.arange(1, n + 1)
-        score = ndimage.maximum(prob, regions, index)
+        if logit is not None and cfg.score_temperature is not None:
+            score = 1.0 / (1.0 + np.exp(-np.asarray(ndimage.maximum(logit, regions, index), float)
+                                        / cfg.score_temperature))
+        else:
+            score = ndimage.maximum(prob, regions, index)
         centres_kji = np.array(ndimage.center_of_mass(prob, regions, index)).reshape(-1, 3)
         core = ndimage.sum_labels(prob >= 0.5, regions, index)
         size = ndimage.sum_labels(np.ones_like(prob, dtype=bool), regions, index)
@@ -369,8 +389,8 @@ class Detector:
         timings["preprocess"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        prob = self.probability_map(prep.image, progress, cancel)
-        cands, regions = self.candidates(prob, prep.lung, prep.geometry)
+        prob, logit = self.stage1_maps(prep.image, progress, cancel)
+        cands, regions = self.candidates(prob, prep.lung, prep.geometry, logit=logit)
         timings["stage1"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -37,13 +37,19 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Stage1Config:
-    """U-net settings. ``spacing_mm``: isotropic working voxel size; ``channels``: features per level."""
+    """U-net settings. ``spacing_mm``: isotropic working voxel size; ``channels``: features per level.
+
+    ``score_temperature``: ``None``, a candidate's stage 1 score is the highest probability in its region; a
+    number ``T``, it is ``sigmoid(max logit / T)`` over the region (the logits averaged over overlapping tiles),
+    which keeps candidates apart where the probability saturates at 1 (``calibrate`` chooses it).
+    """
 
     spacing_mm: float = 1.5
     channels: tuple[int, ...] = (8, 16, 32, 64)
     tile: int = 128
     candidate_threshold: float = 0.3
     max_candidates: int = 200
+    score_temperature: float | None = None
 
 
 @dataclass

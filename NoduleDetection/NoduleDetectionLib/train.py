@@ -260,8 +260,8 @@ def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.r
     lo, hi = model.config.hu_window
     rows: list[tuple[int, np.ndarray, int, int]] = []  # case, centre, label, source
     for n, c in enumerate(cases):
-        prob = detector.probability_map(c.prep.image)
-        cands, _ = detector.candidates(prob, c.prep.lung, c.prep.geometry)
+        prob, logit = detector.stage1_maps(c.prep.image)
+        cands, _ = detector.candidates(prob, c.prep.lung, c.prep.geometry, logit=logit)
         lesion_balls = [(p, d / 2) for p, d in c.case.lesions]
         for cand in cands:
             hit = _hits(cand.center_lps, lesion_balls, MIN_HIT_RADIUS_MM)
@@ -361,7 +361,8 @@ class Trainer:
         self.model.stage1.eval()
         self.model.stage2.eval()
         scores = validation_scores(self.model, self.val_cases, use_stage2, device=str(self.device))
-        cands = scores.candidates(self.model.config.stage2.weight if use_stage2 else None)
+        cands = scores.candidates(self.model.config.stage2.weight if use_stage2 else None,
+                                  self.model.config.stage1.score_temperature)
         scans = [c.case.name for c in self.val_cases]
         return evaluate(self.val_findings, cands, scans, n_bootstrap=0).cpm
 
@@ -498,8 +499,9 @@ class Trainer:
         scores = validation_scores(self.model, self.val_cases, True, device=str(self.device))
         t = self.model.config.stage1.candidate_threshold
         point = choose_operating_point(self.val_findings, {t: scores}, [c.case.name for c in self.val_cases],
-                                       self.settings.target_fp_per_scan)
-        self.weight_cpm = {w: v for (_, w), v in point.grid.items()}
+                                       self.settings.target_fp_per_scan,
+                                       temperatures=(self.model.config.stage1.score_temperature,))
+        self.weight_cpm = {w: cpm for (_, _, w), (cpm, _, _) in point.grid.items()}
         self.model.config.stage2.weight = point.weight
         self.model.config.threshold = point.threshold
         return point.threshold
