@@ -92,6 +92,9 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
     for t in thresholds:
         p = prob.copy() if with_masses else prob  # ``Detector.masses`` writes into its map
         cands, regions = detector.candidates(p, prep.lung, prep.geometry, threshold=t, logit=logit)
+        ids = [c.region for c in cands]  # each region's highest probability and logit, before masses are marked
+        best = {name: dict(zip(ids, np.asarray(ndimage.maximum(m, regions, ids), float).reshape(-1)))
+                for name, m in (("prob", p), ("logit", logit))}
         masses = detector.masses(prep, p, regions) if with_masses else []
         cands = detector.outside_masses(cands, masses, regions, prep.geometry)
         ids = [c.region for c in cands]
@@ -101,8 +104,8 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
         out[t] = ValidationScores(
             [name] * (len(cands) + len(masses)),
             np.concatenate([xyz, np.array([m.center_lps for m in masses]).reshape(-1, 3)]),
-            np.concatenate([np.asarray(ndimage.maximum(p, regions, ids), float).reshape(-1), ones]),
-            np.concatenate([np.asarray(ndimage.maximum(logit, regions, ids), float).reshape(-1), ones * np.inf]),
+            np.concatenate([[best["prob"][i] for i in ids], ones]),
+            np.concatenate([[best["logit"][i] for i in ids], ones * np.inf]),
             np.concatenate([s2.astype(float), ones]),
         )
     return out
