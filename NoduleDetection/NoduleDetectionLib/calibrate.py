@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from .atomic import check_writable, write_text_atomic
 from .datasets import Dataset, Finding
-from .detect import Detector, fuse_scores
+from .detect import Detector, fuse_scores, logit_score
 from .errors import InputError
 from .evaluate import Candidate, evaluate
 from .preprocess import Prepared, prepare
@@ -66,7 +66,7 @@ class ValidationScores:
     def candidates(self, weight: float | None, temperature: float | None = None) -> list[Candidate]:
         """As evaluation candidates scored by stage 1 alone (``weight`` ``None``) or ``fuse_scores`` with
         ``weight``; stage 1's score is its highest probability, or ``sigmoid(logit / temperature)``."""
-        s1 = self.stage1 if temperature is None else 1.0 / (1.0 + np.exp(-self.stage1_logit / temperature))
+        s1 = self.stage1 if temperature is None else logit_score(self.stage1_logit, temperature)
         p = s1 if weight is None else fuse_scores(s1, self.stage2, weight)
         return [Candidate(s, tuple(map(float, xyz)), float(v)) for s, xyz, v in zip(self.scans, self.centers, p)]
 

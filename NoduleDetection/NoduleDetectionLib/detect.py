@@ -111,6 +111,11 @@ def fuse_scores(stage1: np.ndarray, stage2: np.ndarray, weight: float) -> np.nda
     return (s1 ** (1.0 - weight) * s2**weight).astype(np.float32)
 
 
+def logit_score(max_logit: np.ndarray, temperature: float) -> np.ndarray:
+    """A candidate's stage 1 score from its region's highest logit: ``sigmoid(max_logit / temperature)`` (float64)."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(max_logit, np.float64) / temperature))
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without a GPU is a clear error."""
     if device == "auto":
@@ -294,8 +299,7 @@ class Detector:
             return [], regions
         index = np.arange(1, n + 1)
         if logit is not None and cfg.score_temperature is not None:
-            score = 1.0 / (1.0 + np.exp(-np.asarray(ndimage.maximum(logit, regions, index), float)
-                                        / cfg.score_temperature))
+            score = logit_score(ndimage.maximum(logit, regions, index), cfg.score_temperature)
         else:
             score = ndimage.maximum(prob, regions, index)
         centres_kji = np.array(ndimage.center_of_mass(prob, regions, index)).reshape(-1, 3)

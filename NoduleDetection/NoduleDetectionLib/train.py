@@ -306,7 +306,6 @@ def validation_findings(cases: Sequence[PreparedCase]) -> list[Finding]:
 StepHook = Callable[[str, int, int, float], bool]
 
 
-
 class Trainer:
     """Trains both stages of ``model`` on prepared cases; see the module docs for the recipe.
 
