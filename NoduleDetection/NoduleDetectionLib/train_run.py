@@ -322,6 +322,12 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
                           "validation scan (inserted-lesion validation cases)",
         "limits": "Research software, not a medical device. Trained without LUNA16.",
     }
+    if dev.type == "cuda":
+        model.config.card.update({
+            "gpu": torch.cuda.get_device_name(dev),
+            "mixed_precision": "float16 autocast with gradient scaling",
+            "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated(dev) / 2**20),
+        })
     if files.active:
         model.save(files.model, overwrite=True)
         write_text_atomic(files.card, model_card_markdown(model.config.card), overwrite=True)
