@@ -155,15 +155,21 @@ def test_sensitivity_by_texture_and_position_hand_case():
     assert (position["juxtapleural"]["nodules"], position["juxtapleural"]["detected"]) == (1, 1)
     assert [r["shape"] for r in d["sensitivity_by_shape"]] == ["round"]
     assert d["sensitivity_by_size"][1]["size_mm"] == "6-10" and d["sensitivity_by_size"][1]["nodules"] == 3
+    # Crossed with size: the 6 and 8 mm lesions are 6-10 mm (solid B hit; ground-glass C hit, D missed), A is 10-20.
+    assert d["detected_by_size_and_texture"] == [{"size_mm": "6-10", "solid": [1, 1], "ground-glass": [1, 2]},
+                                                 {"size_mm": "10-20", "solid": [1, 1], "ground-glass": [0, 0]}]
+    assert d["detected_by_size_and_position"][0] == {"size_mm": "6-10", "free": [1, 2], "juxtapleural": [1, 1]}
     report = {"dataset": "x", "model": "m", "device": "cpu", "threshold": 0.0, "seconds_per_scan": {"mean": 1.0},
               "scans": [], "froc": d}
     froc = evaluate(findings, cands, ["S1", "S2", "S3"], n_bootstrap=0)
     text = _report_markdown(report, froc)
     assert "| ground-glass | 2 | 1 | 0.500 | 0.000 | 0.214 |" in text
     assert "Sensitivity by position" in text and "Sensitivity by size_mm" in text
+    assert "| size_mm | solid | ground-glass |" in text and "| 6-10 | 1/1 | 1/2 |" in text
 
 
 def test_no_by_type_keys_without_type_columns():
     d = evaluate([Finding("S", (0.0, 0.0, 0.0), 6.0, "nodule")], [Candidate("S", (0, 0, 0), 0.5)], ["S"],
                  n_bootstrap=0).to_dict()
     assert not any(k.startswith("sensitivity_by_") and k != "sensitivity_by_size" for k in d)
+    assert not any(k.startswith("detected_by_") for k in d)

@@ -178,6 +178,8 @@ class FROCResult:
             "sensitivity_by_size": sensitivity_by_size(m.nodules, m),
             **{f"sensitivity_by_{c}": sensitivity_by_attribute(m, c) for c in GROUP_COLUMNS
                if any(s.finding.attributes.get(c) for s in m.nodules)},
+            **{f"detected_by_size_and_{c}": detected_by_size_and(m.nodules, c) for c in GROUP_COLUMNS
+               if any(s.finding.attributes.get(c) for s in m.nodules)},
             "missed_nodules": [_finding_dict(s) for s in m.nodules if not s.detected],
             "masses": [_finding_dict(s) | {"detected": s.detected, "probability": s.probability}
                        for s in m.masses],
@@ -390,6 +392,20 @@ def sensitivity_by_attribute(matching: Matching, column: str) -> list[dict]:
     return [{column: value, **group_sensitivity(scores, matching)} for value, scores in groups.items()]
 
 
+def detected_by_size_and(scores: Sequence[FindingScore], column: str) -> list[dict]:
+    """Per size class that holds a nodule (``SIZE_BINS``): ``{value: [detected, nodules]}`` for each value of the
+    annotation column ``column`` (values in order of first appearance; ``[0, 0]`` where a class has none)."""
+    values = list(dict.fromkeys(s.finding.attributes.get(column, "") for s in scores))
+    rows = []
+    for name, low, high in SIZE_BINS:
+        inside = [s for s in scores if low <= s.finding.diameter_mm < high]
+        if inside:
+            cells = {v: [sum(s.detected for s in inside if s.finding.attributes.get(column, "") == v),
+                         sum(s.finding.attributes.get(column, "") == v for s in inside)] for v in values}
+            rows.append({"size_mm": name, **cells})
+    return rows
+
+
 def group_sensitivity(scores: Sequence[FindingScore], matching: Matching | None = None) -> dict:
     """``nodules``, ``detected`` (hit by any candidate) and ``sensitivity`` (their fraction; ``None`` for no
     nodule) of a group of nodules; with ``matching``, also ``sensitivity_at_1fp`` and ``cpm`` of the group's
@@ -553,6 +569,14 @@ def _report_markdown(report: dict, froc: FROCResult) -> str:
                   f"| {title} | nodules | detected | sensitivity | at 1 FP/scan | CPM |", "|---|---|---|---|---|---|"]
         lines += [f"| {r[title] or '(none)'} | {r['nodules']} | {r['detected']} | {_fmt(r['sensitivity'])} | "
                   f"{_fmt(r.get('sensitivity_at_1fp'))} | {_fmt(r.get('cpm'))} |" for r in froc_dict[key]]
+    for c in GROUP_COLUMNS:
+        rows = froc_dict.get(f"detected_by_size_and_{c}")
+        if not rows:
+            continue
+        values = [k for k in rows[0] if k != "size_mm"]
+        lines += ["", f"Nodules detected (any hit) by size_mm and {c}:", "",
+                  f"| size_mm | {' | '.join(v or '(none)' for v in values)} |", "|---" * (len(values) + 1) + "|"]
+        lines += [f"| {r['size_mm']} | " + " | ".join(f"{r[v][0]}/{r[v][1]}" for v in values) + " |" for r in rows]
     op = report.get("operating_point")
     if op is not None:
         lines += ["", f"At the model's default threshold {op['threshold']:.3f}: sensitivity {_fmt(op['sensitivity'])}, "
