@@ -40,7 +40,9 @@ WINDOW = 20
 
 def prepare(shared: Path, out: Path) -> None:
     """Write ``out/ct`` (host slab, sample CT), ``out/annotations.csv`` and ``out/config.json``."""
-    (out / "ct").mkdir(parents=True, exist_ok=False)
+    if out.exists():
+        raise SystemExit(f"{out} exists; remove it or choose another folder")
+    (out / "ct").mkdir(parents=True)
     host = read_ct(shared / "ct" / f"{HOST}.nrrd")
     per_slice = lung_mask(host).mask.sum(axis=(1, 2))
     k0 = int(np.clip(np.argmax(np.convolve(per_slice, np.ones(SLAB_SLICES), mode="valid")), 0, None))

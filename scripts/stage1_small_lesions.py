@@ -15,6 +15,7 @@ plus one voxel.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,8 @@ from NoduleDetectionLib.detect import Detector
 from NoduleDetectionLib.io import read_ct
 from NoduleDetectionLib.models import ModelConfig, NoduleModel
 from NoduleDetectionLib.preprocess import prepare
-from NoduleDetectionLib.train import sphere_mask
-from NoduleDetectionLib.train_run import _default_model_dict, _prepare_sources, load_config
+from NoduleDetectionLib.train import prepare_case, sphere_mask
+from NoduleDetectionLib.train_run import cases_from_source, load_config
 
 BANDS = ((3.0, 6.0), (6.0, 10.0), (10.0, 30.0))
 
@@ -59,8 +60,9 @@ def targets(config_path: Path) -> None:
     source = dict(config["train"][0])
     if source.get("insert"):
         source["insert"] = {**source["insert"], "copies": 1}
-    model = NoduleModel.build(ModelConfig.from_dict({**_default_model_dict(), **config.get("model", {})}), seed=0)
-    for case in _prepare_sources([source], model, int(config.get("seed", 0))):
+    defaults = json.loads(ModelConfig().to_json())
+    model = NoduleModel.build(ModelConfig.from_dict({**defaults, **config.get("model", {})}), seed=0)
+    for case in (prepare_case(c, model) for c in cases_from_source(source, int(config.get("seed", 0)))):
         spacing = max(case.prep.geometry.spacing)
         for centre, diameter in sorted(case.case.lesions, key=lambda x: x[1]):
             ball = sphere_mask(case.target.shape, case.prep.geometry, [(centre, diameter / 2 + spacing)])
