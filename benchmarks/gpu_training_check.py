@@ -25,7 +25,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.io import read_ct, write_volume
 from NoduleDetectionLib.preprocess import lung_mask
 from NoduleDetectionLib.volume import CTVolume
@@ -46,9 +45,7 @@ def prepare(shared: Path, out: Path) -> None:
     host = read_ct(shared / "ct" / f"{HOST}.nrrd")
     per_slice = lung_mask(host).mask.sum(axis=(1, 2))
     k0 = int(np.clip(np.argmax(np.convolve(per_slice, np.ones(SLAB_SLICES), mode="valid")), 0, None))
-    geometry = Geometry(host.geometry.spacing, tuple(host.geometry.index_to_lps([0, 0, k0])),
-                        host.geometry.direction)
-    slab = CTVolume(host.array[k0:k0 + SLAB_SLICES], geometry, name=f"{HOST}-slab")
+    slab = CTVolume(host.array[k0:k0 + SLAB_SLICES], host.geometry.cropped((0, 0, k0)), name=f"{HOST}-slab")
     write_volume(slab, out / "ct" / f"{HOST}-slab.nrrd")
     shutil.copyfile(SAMPLE, out / "ct" / SAMPLE.name)
     renamed = {HOST: f"{HOST}-slab.nrrd", "LIDC-IDRI-0001": SAMPLE.name}

@@ -15,17 +15,16 @@ plus one voxel.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from NoduleDetectionLib.datasets import Dataset
 from NoduleDetectionLib.detect import Detector
 from NoduleDetectionLib.io import read_ct
-from NoduleDetectionLib.models import ModelConfig, NoduleModel
+from NoduleDetectionLib.models import NoduleModel
 from NoduleDetectionLib.preprocess import prepare
 from NoduleDetectionLib.train import prepare_case, sphere_mask
-from NoduleDetectionLib.train_run import cases_from_source, load_config
+from NoduleDetectionLib.train_run import cases_from_source, load_config, model_from_config
 
 BANDS = ((3.0, 6.0), (6.0, 10.0), (10.0, 30.0))
 
@@ -60,8 +59,7 @@ def targets(config_path: Path) -> None:
     source = dict(config["train"][0])
     if source.get("insert"):
         source["insert"] = {**source["insert"], "copies": 1}
-    defaults = json.loads(ModelConfig().to_json())
-    model = NoduleModel.build(ModelConfig.from_dict({**defaults, **config.get("model", {})}), seed=0)
+    model = model_from_config(config, seed=0)
     for case in (prepare_case(c, model) for c in cases_from_source(source, int(config.get("seed", 0)))):
         spacing = max(case.prep.geometry.spacing)
         for centre, diameter in sorted(case.case.lesions, key=lambda x: x[1]):

@@ -240,8 +240,7 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
             for stage in afresh:
                 setattr(model, stage, getattr(fresh, stage))
     else:
-        model = NoduleModel.build(ModelConfig.from_dict({**_default_model_dict(), **config.get("model", {})}),
-                                  seed=settings.seed)
+        model = model_from_config(config, settings.seed)
     state = files.load_checkpoint() if resume else None
     if state is not None:
         for prefix, net in (("stage1", model.stage1), ("stage2", model.stage2)):
@@ -338,8 +337,10 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
     return files.model
 
 
-def _default_model_dict() -> dict:
-    return json.loads(ModelConfig().to_json())
+def model_from_config(config: dict, seed: int) -> NoduleModel:
+    """A freshly initialised model with the config's ``model`` fields over ``ModelConfig``'s defaults."""
+    defaults = json.loads(ModelConfig().to_json())
+    return NoduleModel.build(ModelConfig.from_dict({**defaults, **config.get("model", {})}), seed=seed)
 
 
 def model_card_markdown(card: dict) -> str:
