@@ -155,6 +155,44 @@ def test_small_lesions_weigh_more_and_every_lesion_has_a_centre():
     assert settings_from_config(dict(SHORT, balance_lesions=True)).balance_lesions is True
 
 
+def test_small_lesions_can_get_larger_targets():
+    """``min_target_mm``: a 4 mm lesion's stage 1 target becomes a 6 mm ball around its centre, weighted as a 6 mm
+    lesion (5 instead of 8); a 12 mm lesion's target and weight do not change. The setting reaches the trainer
+    from the config."""
+    config = ModelConfig(stage1=Stage1Config(spacing_mm=2.0, channels=(4, 8), tile=64))
+    model = NoduleModel.build(config, seed=0)
+    case = phantom_cases(1, seed=3, shape=(32, 64, 80), n_nodules=2)[0]
+    case.label_map = None  # targets from the lesion list: balls of the lesions' diameters
+    case.lesions = [(case.lesions[0][0], 4.0), (case.lesions[1][0], 12.0)]
+    own, larger = prepare_case(case, model), prepare_case(case, model, min_target_mm=6.0)
+    geo, shape = own.prep.geometry, own.target.shape
+    (small_centre, _), (big_centre, _) = case.lesions
+    near = sphere_mask(shape, geo, [(np.asarray(small_centre), 5.0)])
+    ball = {r: sphere_mask(shape, geo, [(np.asarray(small_centre), r)]) for r in (2.0, 3.0)}
+    assert np.array_equal(own.target[near] > 0, ball[2.0][near])
+    assert np.array_equal(larger.target[near] > 0, ball[3.0][near]) and ball[3.0].sum() > ball[2.0].sum()
+    assert set(np.unique(own.weight[ball[2.0]])) == {8.0}
+    assert set(np.unique(larger.weight[ball[3.0]])) == {5.0}
+    big = sphere_mask(shape, geo, [(np.asarray(big_centre), 8.0)])
+    assert np.array_equal(own.target[big], larger.target[big]) and np.array_equal(own.weight[big], larger.weight[big])
+    assert settings_from_config(dict(SHORT, min_target_mm=6)).min_target_mm == 6.0
+    assert settings_from_config(SHORT).min_target_mm == 0.0
+
+
+def test_thick_slice_simulation_can_be_left_out_of_stage1_augmentation():
+    """``thick_slices`` (default on) decides whether stage 1's augmentation simulates thicker slices."""
+    from NoduleDetectionLib.augment import RandomSliceThickness
+    from NoduleDetectionLib.train import stage1_augmentation
+
+    def kinds(aug):
+        return [type(t) for t in aug.transforms]
+
+    assert RandomSliceThickness in kinds(stage1_augmentation(1.5))
+    assert RandomSliceThickness not in kinds(stage1_augmentation(1.5, thick_slices=False))
+    assert settings_from_config(dict(SHORT, thick_slices=False)).thick_slices is False
+    assert settings_from_config(SHORT).thick_slices is True
+
+
 def test_stage1_loss_weights_voxels_without_going_negative():
     """Weighted voxels count more, yet the loss stays a BCE (>= 0) plus a Dice term in [0, 1]: about 0 for a
     perfect map, and a missed weight-8 lesion costs more than a missed weight-1 lesion."""

@@ -110,6 +110,9 @@ class TrainSettings:
             small lesions up (``lesion_weight``); off, every lesion voxel is equally likely and weighs 1.
         tissue_negatives: stage 2 negatives drawn per case from the host's dense tissue (``mine_candidates``).
         stage2_rotate: stage 2 augmentation adds small rotations and scaling (``stage2_augmentation``).
+        min_target_mm: stage 1 targets of lesions smaller than this (mm) are balls of this diameter around
+            their centre, added to their own voxels (0: every lesion's target is its own voxels).
+        thick_slices: stage 1 augmentation simulates thicker slices (``RandomSliceThickness``).
     """
 
     stage1: StageSchedule = field(default_factory=StageSchedule)
@@ -125,6 +128,8 @@ class TrainSettings:
     balance_lesions: bool = False
     tissue_negatives: int = 150
     stage2_rotate: bool = False
+    min_target_mm: float = 0.0
+    thick_slices: bool = True
 
 
 @dataclass
@@ -157,10 +162,11 @@ def sphere_mask(shape: tuple[int, ...], geometry, balls: Sequence[tuple[np.ndarr
     return mask
 
 
-def prepare_case(case: TrainingCase, model: NoduleModel) -> PreparedCase:
+def prepare_case(case: TrainingCase, model: NoduleModel, min_target_mm: float = 0.0) -> PreparedCase:
     """Bring a case to the working grid (the same preprocessing as detection) with its target and weights.
 
-    Without a label map the target is the union of the lesions' spheres.
+    Without a label map the target is the union of the lesions' spheres; a lesion under ``min_target_mm``
+    (diameter, mm) also gets a ball of that diameter around its centre (``TrainSettings.min_target_mm``).
     """
     config = model.config
     prep = prepare(case.volume, config.stage1.spacing_mm, config.hu_window)
@@ -171,10 +177,14 @@ def prepare_case(case: TrainingCase, model: NoduleModel) -> PreparedCase:
         target = target >= 0.5
     else:
         target = sphere_mask(prep.image.shape, prep.geometry, [(c, d / 2) for c, d in case.lesions])
+    small = [(c, min_target_mm / 2) for c, d in case.lesions if d < min_target_mm]
+    if small:
+        target = target | sphere_mask(prep.image.shape, prep.geometry, small)
     weight = np.ones(prep.image.shape, np.float32)
     margin = max(prep.geometry.spacing)
     balls_by_weight: dict[int, list[tuple[np.ndarray, float]]] = {}
     for centre, diameter in case.lesions:
+        diameter = max(diameter, min_target_mm)
         balls_by_weight.setdefault(lesion_weight(diameter), []).append((centre, diameter / 2 + margin))
     for w in sorted(k for k in balls_by_weight if k > 1):  # ascending: where lesions overlap, the largest weight
         weight[sphere_mask(prep.image.shape, prep.geometry, balls_by_weight[w]) & target] = w
@@ -203,11 +213,12 @@ def _crop(arrays: Sequence[np.ndarray], centre: np.ndarray, size: int) -> list[n
     return out
 
 
-def stage1_augmentation(spacing_mm: float) -> Compose:
-    """Augmentation of normalised working-grid patches (intensity offsets in normalised units)."""
+def stage1_augmentation(spacing_mm: float, thick_slices: bool = True) -> Compose:
+    """Augmentation of normalised working-grid patches (intensity offsets in normalised units); ``thick_slices``:
+    also simulate slices of 0.6-5 mm."""
     return Compose([
         RandomFlip(), RandomRot90(), RandomAffine(degrees=10.0, scales=(0.85, 1.15)),
-        RandomSliceThickness((0.6, 5.0), spacing=(spacing_mm,) * 3),
+        *([RandomSliceThickness((0.6, 5.0), spacing=(spacing_mm,) * 3)] if thick_slices else []),
         RandomIntensity(scale=(0.95, 1.05), offset=(-0.015, 0.015)), RandomNoise(std=(0.0, 0.012)),
     ])
 
@@ -424,7 +435,7 @@ class Trainer:
         """Optimise the U-net (patches of the working grid, BCE + soft Dice, ignore regions masked)."""
         s = self.settings
         size = -(-s.patch1 // self.model.stage1.divisor) * self.model.stage1.divisor
-        aug = stage1_augmentation(self.model.config.stage1.spacing_mm) if s.augment else None
+        aug = stage1_augmentation(self.model.config.stage1.spacing_mm, s.thick_slices) if s.augment else None
         # Lesion patches are centred near a lesion voxel, or near a lesion drawn uniformly when balancing lesions.
         lesion_centres = [c.centres if s.balance_lesions and len(c.centres) else np.argwhere(c.target > 0)
                           for c in self.train_cases]
@@ -518,7 +529,8 @@ def train_model(cases: Sequence[TrainingCase], model: NoduleModel, settings: Tra
                 val_cases: Sequence[TrainingCase] = (), hook: StepHook | None = None) -> NoduleModel:
     """Train both stages on ``cases`` in memory (no files) and return the model in eval mode."""
     settings = settings or TrainSettings()
-    trainer = Trainer(model, [prepare_case(c, model) for c in cases], [prepare_case(c, model) for c in val_cases],
+    trainer = Trainer(model, [prepare_case(c, model, settings.min_target_mm) for c in cases],
+                      [prepare_case(c, model) for c in val_cases],
                       settings, hook=hook)
     trainer.train_stage1()
     trainer.train_stage2()

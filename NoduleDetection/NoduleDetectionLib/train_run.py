@@ -15,7 +15,9 @@
       "time_budget_minutes": 110, "target_fp_per_scan": 0.5,
       "balance_lesions": false,            # stage 1: sample lesions per lesion, weight small ones up
       "tissue_negatives": 150,             # stage 2: negatives per case from the host's dense tissue
-      "stage2_rotate": false               # stage 2: augment with small rotations and scaling too
+      "stage2_rotate": false,              # stage 2: augment with small rotations and scaling too
+      "min_target_mm": 0,                  # stage 1: smaller lesions' targets are balls of this diameter
+      "thick_slices": true                 # stage 1: augmentation simulates thicker slices
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "insert": null | {"lesions_per_scan": 20,
@@ -118,6 +120,8 @@ def settings_from_config(config: dict) -> TrainSettings:
         balance_lesions=bool(config.get("balance_lesions", d.balance_lesions)),
         tissue_negatives=int(config.get("tissue_negatives", d.tissue_negatives)),
         stage2_rotate=bool(config.get("stage2_rotate", d.stage2_rotate)),
+        min_target_mm=float(config.get("min_target_mm", d.min_target_mm)),
+        thick_slices=bool(config.get("thick_slices", d.thick_slices)),
     )
 
 
@@ -159,11 +163,12 @@ def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
     return cases
 
 
-def _prepare_sources(sources: list[dict], model: NoduleModel, seed: int) -> list[PreparedCase]:
+def _prepare_sources(sources: list[dict], model: NoduleModel, seed: int,
+                     min_target_mm: float = 0.0) -> list[PreparedCase]:
     out = []
     for source in sources:
         for case in cases_from_source(source, seed):
-            prepared = prepare_case(case, model)
+            prepared = prepare_case(case, model, min_target_mm)
             case.label_map = None  # the working-grid target is kept; the input-grid copy is not needed
             out.append(prepared)
     return out
@@ -252,7 +257,7 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
         write_text_atomic(files.config, json.dumps(config, indent=2), overwrite=True)
 
     t0 = time.perf_counter()
-    train_cases = _prepare_sources(config["train"], model, settings.seed)
+    train_cases = _prepare_sources(config["train"], model, settings.seed, settings.min_target_mm)
     val_cases = _prepare_sources(config.get("validation") or [], model, settings.seed)
     data_seconds = time.perf_counter() - t0
     log.info("data: %d training cases, %d validation cases (%.0f s)", len(train_cases), len(val_cases), data_seconds)

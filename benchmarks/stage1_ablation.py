@@ -1,0 +1,131 @@
+"""Stage 1 ablation on a lent GPU machine: several training settings side by side, small enough to travel.
+
+The GPU machine takes a repository copy of at most 64 MiB and no ``../shared``, and SimpleITK travels as an
+archive (about 28 MB), so the training host LIDC-IDRI-0002 travels at half its in-plane resolution (2×2 block
+mean: 1.36 × 1.36 × 1.25 mm, its lung slices only, 17 MB). Each config is the balanced recipe
+(``Resources/Training/balanced_lesions.json``) for stage 1 only (2000 steps, one stage 2 step), with lesions
+inserted into that host for training (seed 1) and validation (seed 3000, two copies of 25: the same host,
+other lesions); the variants change one setting each, or several::
+
+    python benchmarks/stage1_ablation.py prepare ../shared/data .gpux      # here (CPU), once
+    # on the GPU machine, carrying .gpux and the SimpleITK archive, all configs of a round in parallel:
+    nodule-detection train .gpux/A.json -o runA --device cuda &  ...  wait
+    python benchmarks/stage1_ablation.py stage1-only runA/model.safetensors s1_A.safetensors     # here
+    nodule-detection evaluate-detector valdata2000 -o ev_A --model s1_A.safetensors             # here
+
+``stage1-only`` sets the stage 2 weight to 0, so a finding's score is stage 1's alone (the variants differ
+in stage 1 only). The figures are in ``Resources/Models/MODEL_CARD.md`` ("Session 6").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from NoduleDetectionLib.io import read_ct, write_volume
+from NoduleDetectionLib.models import NoduleModel
+from NoduleDetectionLib.preprocess import block_mean, lung_mask
+from NoduleDetectionLib.volume import CTVolume
+
+REPO = Path(__file__).resolve().parent.parent
+BALANCED = REPO / "Resources" / "Training" / "balanced_lesions.json"
+HOST = "LIDC-IDRI-0002"
+HALF = f"{HOST}-half"
+
+#: The variants: the changes each makes to the baseline ``A``; round 1 ran A-D (6 training copies, 8 minutes),
+#: round 2 E-H (4 copies, 5.5 minutes).
+SMALL_TARGETS = {"min_target_mm": 6.0}
+NO_THICK_SLICES = {"thick_slices": False}
+MORE_LESIONS = {"positive_fraction": 0.8, "lesions_per_scan": 80}
+VARIANTS: dict[str, tuple[int, dict]] = {
+    "A": (1, {}),
+    "B": (1, SMALL_TARGETS),
+    "C": (1, NO_THICK_SLICES),
+    "D": (1, MORE_LESIONS),
+    "E": (2, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS}),
+    "F": (2, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, "channels": [16, 32, 64, 128]}),
+    "G": (2, {"seed": 1}),
+    "H": (2, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, "seed": 1}),
+}
+
+
+def half_host(shared: Path) -> CTVolume:
+    """The training host at half in-plane resolution (2×2 block mean), cut to its lung slices (± 4)."""
+    host = read_ct(shared / "ct" / f"{HOST}.nrrd")
+    slices = np.flatnonzero(lung_mask(host).mask.any(axis=(1, 2)))
+    k0, k1 = max(int(slices[0]) - 4, 0), min(int(slices[-1]) + 5, host.array.shape[0])
+    g = host.geometry.cropped((0, 0, k0))
+    shift = np.asarray(g.direction) @ np.array([g.spacing[0] / 2, g.spacing[1] / 2, 0.0])  # new voxel 0: mean of 0, 1
+    half = dataclasses.replace(g, spacing=(2 * g.spacing[0], 2 * g.spacing[1], g.spacing[2]),
+                               origin=tuple(np.asarray(g.origin) + shift))
+    array = block_mean(host.array[k0:k1].astype(np.float32), (1, 2, 2))
+    return CTVolume(np.round(array).astype(np.int16), half, name=HALF)
+
+
+def config(variant: str) -> dict:
+    """The training config of one variant (paths relative to the prepared folder)."""
+    rounds, changes = VARIANTS[variant]
+    out = json.loads(BALANCED.read_text())
+    insert = {"lesions_per_scan": changes.get("lesions_per_scan", 40), "copies": 6 if rounds == 1 else 4, "seed": 1,
+              "mix": {"median_diameter_mm": 7.5, "log_sigma": 0.7}}
+    out["train"] = [{"path": ".", "scans": [f"{HALF}.nrrd"], "insert": insert}]
+    out["validation"] = [{"path": ".", "scans": [f"{HALF}.nrrd"],
+                          "insert": {"lesions_per_scan": 25, "copies": 2, "seed": 3000}}]
+    out["stage1"]["steps"], out["stage2"]["steps"] = 2000, 1
+    out.update(validate_every=250, patience=100, time_budget_minutes=8 if rounds == 1 else 5.5)
+    if "channels" in changes:
+        out["model"]["stage1"]["channels"] = changes["channels"]
+    out.update({k: v for k, v in changes.items() if k not in ("lesions_per_scan", "channels")})
+    return out
+
+
+def prepare(shared: Path, out: Path) -> None:
+    """Write ``out/ct/LIDC-IDRI-0002-half.nrrd``, its findings in ``out/annotations.csv`` and one config per
+    variant (``out/A.json`` ...)."""
+    if out.exists():
+        raise SystemExit(f"{out} exists; remove it or choose another folder")
+    (out / "ct").mkdir(parents=True)
+    write_volume(half_host(shared), out / "ct" / f"{HALF}.nrrd")
+    with open(shared / "annotations.csv", newline="") as src, open(out / "annotations.csv", "w", newline="") as dst:
+        reader = csv.DictReader(src)
+        writer = csv.DictWriter(dst, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        for row in reader:
+            if row["scan"] == f"{HOST}.nrrd":
+                writer.writerow({**row, "scan": f"{HALF}.nrrd", "seriesuid": HALF})
+    for variant in VARIANTS:
+        (out / f"{variant}.json").write_text(json.dumps(config(variant), indent=1))
+    print(f"wrote {out}: {', '.join(VARIANTS)}")
+
+
+def stage1_only(model: Path, out: Path) -> None:
+    """Save ``model`` with stage 2 weight 0 (a finding's probability is stage 1's score)."""
+    m = NoduleModel.load(model)
+    m.config = copy.deepcopy(m.config)
+    m.config.stage2.weight = 0.0
+    m.save(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="write the half-resolution host and the variants' configs")
+    p.add_argument("shared", type=Path)
+    p.add_argument("out", type=Path)
+    s = sub.add_parser("stage1-only", help="a model's copy scored by stage 1 alone")
+    s.add_argument("model", type=Path)
+    s.add_argument("out", type=Path)
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(args.shared, args.out)
+    else:
+        stage1_only(args.model, args.out)
+
+
+if __name__ == "__main__":
+    main()
