@@ -31,7 +31,7 @@ from NoduleDetectionLib.volume import CTVolume
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0001-slab.nrrd"
-SHIPPED = REPO / "Resources" / "Training" / "shipped.json"
+SHIPPED = REPO / "Resources" / "Training" / "previous_shipped.json"
 HOST = "LIDC-IDRI-0002"
 SLAB_SLICES = 64
 WINDOW = 20
