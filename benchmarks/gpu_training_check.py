@@ -3,14 +3,15 @@
 A GPU machine lent to a session receives a copy of the repository of at most 64 MiB and no ``../shared``, so
 this check trains on an 80 mm slab of the training host (LIDC-IDRI-0002, full resolution and cross-section:
 the lung mask needs the air around the body) and validates on the README's sample CT (a slab of the
-validation scan LIDC-IDRI-0001), with the shipped recipe's networks, batches and patch sizes (750 steps a
-stage, at most 6 minutes), so its step times compare with the shipped model's CPU log
-(``Resources/Models/train_log.jsonl``)::
+validation scan LIDC-IDRI-0001), with the networks, batches and patch sizes of the recipe shipped until session
+6 (``Resources/Training/previous_shipped.json``; the current recipe's are the same), 750 steps a stage, at most 6
+minutes, so its step times compare with that model's CPU log
+(``Resources/Models/experiments/previous_shipped/train_log.jsonl``)::
 
     python benchmarks/gpu_training_check.py prepare ../shared/data .gpucheck      # here, once (CPU)
     nodule-detection train .gpucheck/config.json -o run --device cuda           # on the GPU machine
     python benchmarks/gpu_training_check.py summary run                         # step times, memory, CPM
-    python benchmarks/gpu_training_check.py summary Resources/Models            # the same for the CPU log
+    python benchmarks/gpu_training_check.py summary Resources/Models/experiments/previous_shipped   # CPU log
 
 The slab's and the sample's findings (excluded marks, the 24 mm nodule) keep their world coordinates, so
 they are masked as in a full run. The model of this run is a check, not a candidate for shipping.
