@@ -24,7 +24,7 @@ from NoduleDetectionLib.io import read_ct
 from NoduleDetectionLib.models import NoduleModel
 from NoduleDetectionLib.preprocess import prepare
 from NoduleDetectionLib.train import prepare_case, sphere_mask
-from NoduleDetectionLib.train_run import cases_from_source, load_config, model_from_config
+from NoduleDetectionLib.train_run import cases_from_source, load_config, model_from_config, settings_from_config
 
 BANDS = ((3.0, 6.0), (6.0, 10.0), (10.0, 30.0))
 
@@ -60,7 +60,8 @@ def targets(config_path: Path) -> None:
     if source.get("insert"):
         source["insert"] = {**source["insert"], "copies": 1}
     model = model_from_config(config, seed=0)
-    for case in (prepare_case(c, model) for c in cases_from_source(source, int(config.get("seed", 0)))):
+    min_target_mm = settings_from_config(config).min_target_mm
+    for case in (prepare_case(c, model, min_target_mm) for c in cases_from_source(source, int(config.get("seed", 0)))):
         spacing = max(case.prep.geometry.spacing)
         for centre, diameter in sorted(case.case.lesions, key=lambda x: x[1]):
             ball = sphere_mask(case.target.shape, case.prep.geometry, [(centre, diameter / 2 + spacing)])

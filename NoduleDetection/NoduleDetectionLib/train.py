@@ -165,8 +165,9 @@ def sphere_mask(shape: tuple[int, ...], geometry, balls: Sequence[tuple[np.ndarr
 def prepare_case(case: TrainingCase, model: NoduleModel, min_target_mm: float = 0.0) -> PreparedCase:
     """Bring a case to the working grid (the same preprocessing as detection) with its target and weights.
 
-    Without a label map the target is the union of the lesions' spheres; a lesion under ``min_target_mm``
-    (diameter, mm) also gets a ball of that diameter around its centre (``TrainSettings.min_target_mm``).
+    The target is the case's label map or, without one, the union of the lesions' spheres; a lesion under
+    ``min_target_mm`` (diameter, mm) also gets a ball of that diameter around its centre
+    (``TrainSettings.min_target_mm``), and its voxels the weight of a lesion of that diameter.
     """
     config = model.config
     prep = prepare(case.volume, config.stage1.spacing_mm, config.hu_window)
