@@ -20,7 +20,6 @@ in stage 1 only). The figures are in ``Resources/Models/MODEL_CARD.md`` ("Sessio
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import dataclasses
 import json
@@ -105,8 +104,7 @@ def prepare(shared: Path, out: Path) -> None:
 
 def stage1_only(model: Path, out: Path) -> None:
     """Save ``model`` with stage 2 weight 0 (a finding's probability is stage 1's score)."""
-    m = NoduleModel.load(model)
-    m.config = copy.deepcopy(m.config)
+    m = NoduleModel.load(model)  # a config of its own, read from the file
     m.config.stage2.weight = 0.0
     m.save(out)
 
