@@ -16,6 +16,8 @@ from NoduleDetectionLib.evaluate import Candidate
 from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.models import ModelConfig, NoduleModel, Stage1Config
 from NoduleDetectionLib.train import (
+    MIN_HIT_RADIUS_MM,
+    SAMPLE_SOURCES,
     lesion_weight,
     mine_candidates,
     phantom_cases,
@@ -106,10 +108,11 @@ def test_config_errors_are_one_line(tmp_path):
 
 def test_fine_tuning_can_keep_stage1_and_train_stage2_afresh(tmp_path):
     """``init_stages: ["stage1"]`` keeps the init model's U-net and starts the classifier from fresh weights (seeded):
-    with no steps at all, the result holds exactly the init U-net and a freshly built classifier."""
+    with no steps at all, the result holds exactly the init U-net and a freshly built classifier, and the blob
+    proposals the config asks for."""
     init = run_training(_write(tmp_path, SHORT), tmp_path / "init", device="cpu")
     config = dict(SHORT, init_model=str(init), init_stages=["stage1"], stage1={"steps": 0}, stage2={"steps": 0},
-                  tissue_negatives=30, stage2_rotate=True)
+                  tissue_negatives=30, stage2_rotate=True, model={"stage1": {"blob_candidates": 7, "channels": [2]}})
     settings = settings_from_config(config)
     assert (settings.tissue_negatives, settings.stage2_rotate) == (30, True)
     model = NoduleModel.load(run_training(_write(tmp_path, config), tmp_path / "tuned", device="cpu"))
@@ -119,6 +122,27 @@ def test_fine_tuning_can_keep_stage1_and_train_stage2_afresh(tmp_path):
     for key, value in before.state_tensors().items():
         assert torch.equal(after[key], value if key.startswith("stage1.") else fresh[key]), key
     assert not any(r["stage"] in ("stage1", "stage2") for r in _log(tmp_path / "tuned"))
+    # of the config's model section, a fine-tune takes the proposal settings only, never the architecture
+    assert model.config.stage1.blob_candidates == 7
+    assert model.config.stage1.channels == before.config.stage1.channels
+
+
+def test_mining_adds_blob_proposals_as_stage2_samples():
+    """With ``blob_candidates``, the blob filter's proposals join the stage 2 samples (source ``blob_candidate``),
+    labelled positive exactly when they lie within a lesion's radius (at least ``MIN_HIT_RADIUS_MM``)."""
+    config = ModelConfig(stage1=Stage1Config(spacing_mm=2.0, channels=(4, 8), tile=64, candidate_threshold=1.01,
+                                             blob_candidates=8))
+    model = NoduleModel.build(config, seed=0)
+    cases = [prepare_case(c, model) for c in phantom_cases(1, seed=3, shape=(32, 64, 80))]
+    samples = mine_candidates(model, cases, np.random.default_rng(0), dense_per_case=0, parenchyma_per_case=0)
+    counts = samples.counts()
+    assert 0 < counts["blob_candidate"] <= 8 and counts["stage1_candidate"] == 0
+    blob = samples.source == SAMPLE_SOURCES.index("blob_candidate")
+    lesions = cases[0].case.lesions
+    for centre, label in zip(samples.centers[blob], samples.labels[blob]):
+        inside = any(np.linalg.norm(centre - np.asarray(p)) < max(d / 2, MIN_HIT_RADIUS_MM) for p, d in lesions)
+        assert label == int(inside)
+    assert counts["blob_hits"] == int(samples.labels[blob].sum()) > 0  # the phantom's spheres are blobs
 
 
 def test_threshold_rule_and_ignore_spheres():

@@ -55,7 +55,7 @@ VALIDATION_LIST = REPO / "Resources" / "Models" / "validation_scans.txt"
 #: The accuracy target: the validation CPM within this of the model card's.
 ACCURACY_TOLERANCE = 0.01
 TARGETS = {"scan": "LIDC-IDRI-0002", "max_wall_s": 20.0, "max_peak_rss_gb": 3.0, "min_monai_over_ours": 50.0}
-STAGES = ("read", "preprocess", "stage1", "masses", "stage2", "postprocess", "write")
+STAGES = ("read", "preprocess", "stage1", "blobs", "masses", "stage2", "postprocess", "write")
 TIMINGS_LINE = re.compile(r"timings ((?:\w+=[\d.]+ ?)+) s$", re.MULTILINE)
 
 

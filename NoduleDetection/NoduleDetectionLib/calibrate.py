@@ -83,7 +83,9 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
                 use_stage2: bool = True, with_masses: bool = False) -> dict[float, ValidationScores]:
     """One scan's candidates and scores at each stage 1 candidate threshold (stage 1 runs once).
 
-    ``volume``: the scan in HU; ``prep``: ``preprocess.prepare`` of it at the model's spacing. Stage 2
+    The candidates are ``Detector.detect``'s: stage 1 regions, then blob-filter proposals outside them (when the
+    model has ``blob_candidates``). ``volume``: the scan in HU; ``prep``: ``preprocess.prepare`` of it at the
+    model's spacing. Stage 2
     probabilities are zeros unless ``use_stage2``. ``with_masses``: add the masses ``Detector.detect`` would
     report (scored 1 by both stages) and drop the candidates centred in them, as ``detect`` does.
     """
@@ -92,6 +94,7 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
     for t in thresholds:
         p = prob.copy() if with_masses else prob  # ``Detector.masses`` writes into its map
         cands, regions = detector.candidates(p, prep.lung, prep.geometry, threshold=t, logit=logit)
+        cands += detector.blob_candidates(prep, p, regions, logit)
         ids = [c.region for c in cands]  # each region's highest probability and logit, before masses are marked
         best = {name: dict(zip(ids, np.asarray(ndimage.maximum(m, regions, ids), float).reshape(-1)))
                 for name, m in (("prob", p), ("logit", logit))}

@@ -5,7 +5,8 @@ and the benchmark:
 
 1. lung mask, crop to the lungs, resample to the working spacing (``preprocess.prepare``);
 2. stage 1, the U-net, gives a nodule probability map (tiled, so memory stays bounded);
-3. candidates are the connected regions of that map above ``candidate_threshold``;
+3. candidates are the connected regions of that map above ``candidate_threshold``, and the strongest
+   ``blob_candidates`` spots of a classical blob filter outside them (``blobs``);
 4. stage 2, the multi-scale 3D CNN, scores a fine and a coarse patch around each candidate;
 5. the kept nodules are outlined on the input grid (stage 1 probability ≥ 0.5 inside the candidate's
    region), measured there (volume, equivalent-sphere diameter) and numbered by falling probability.
@@ -26,6 +27,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from .blobs import blob_outline, find_blobs
 from .errors import NoduleDetectionError
 from .geometry import Geometry
 from .io import validate_ct
@@ -313,6 +315,37 @@ class Detector:
         cands = [Candidate(int(index[o]), centres_lps[o], float(diam[o]), float(score[o])) for o in order]
         return cands, regions
 
+    def blob_candidates(self, prep: Prepared, prob: np.ndarray, regions: np.ndarray,
+                        logit: np.ndarray | None = None) -> list[Candidate]:
+        """The model's ``blob_candidates`` strongest blob-filter proposals (``blobs.find_blobs``) of a prepared scan
+        outside the regions of ``regions``, each outlined there as a new region (``regions`` changed in place).
+
+        A proposal is scored by stage 1's output over its outline as ``candidates`` scores a region (``prob``,
+        or ``logit`` with the model's score temperature); its diameter is that of its outline.
+        """
+        cfg = self.config.stage1
+        if cfg.blob_candidates <= 0:
+            return []
+        free = regions == 0
+        blobs = find_blobs(prep.image, prep.lung, prep.geometry, cfg.blob_candidates, exclude=~free)
+        voxel_mm3 = float(np.prod(prep.geometry.spacing))
+        out = []
+        for n in range(len(blobs.kji)):
+            box, mask = blob_outline(blobs, n, prep.geometry, free)
+            if not mask.any():  # its peak was taken by an earlier, stronger proposal's outline
+                continue
+            region = int(regions.max()) + 1
+            regions[box][mask] = region
+            free[box][mask] = False
+            if logit is not None and cfg.score_temperature is not None:
+                score = float(logit_score(logit[box][mask].max(), cfg.score_temperature))
+            else:
+                score = float(prob[box][mask].max())
+            centre = prep.geometry.index_to_lps(blobs.kji[n][::-1].astype(float))
+            diameter = max((6.0 * mask.sum() * voxel_mm3 / np.pi) ** (1.0 / 3.0), min(prep.geometry.spacing))
+            out.append(Candidate(region, centre, float(diameter), score))
+        return out
+
     def classify(self, volume: CTVolume, centers_lps: np.ndarray, batch: int = 64) -> np.ndarray:
         """Stage 2 probabilities for candidate centres ``(N, 3)`` LPS mm, from the input HU volume."""
         cfg = self.config.stage2
@@ -396,6 +429,13 @@ class Detector:
         prob, logit = self.stage1_maps(prep.image, progress, cancel)
         cands, regions = self.candidates(prob, prep.lung, prep.geometry, logit=logit)
         timings["stage1"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        step("blob filter", 0.0)
+        first_blob = int(regions.max()) + 1
+        cands += self.blob_candidates(prep, prob, regions, logit)
+        prob[regions >= first_blob] = 1.0  # a kept proposal is outlined by its region (see ``_outline``)
+        timings["blobs"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         step("masses", 0.0)

@@ -42,6 +42,9 @@ class Stage1Config:
     ``score_temperature``: ``None``, a candidate's stage 1 score is the highest probability in its region; a
     number ``T``, it is ``sigmoid(max logit / T)`` over the region (the logits averaged over overlapping tiles),
     which keeps candidates apart where the probability saturates at 1 (``calibrate`` chooses it).
+
+    ``blob_candidates``: how many proposals of the blob filter (``blobs``) join stage 1's candidates per scan,
+    outside its regions (0: none); each is scored by stage 1's output over its outline like the others.
     """
 
     spacing_mm: float = 1.5
@@ -50,6 +53,7 @@ class Stage1Config:
     candidate_threshold: float = 0.3
     max_candidates: int = 200
     score_temperature: float | None = None
+    blob_candidates: int = 0
 
 
 @dataclass

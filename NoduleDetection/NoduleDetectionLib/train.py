@@ -236,7 +236,7 @@ def stage2_augmentation(spacing_mm: float, rotate: bool = False) -> Compose:
 @dataclass
 class Stage2Samples:
     """Sample centres (LPS mm) for stage 2 with labels 1 (lesion) / 0 (negative), their case index, and their
-    source (``SAMPLE_SOURCES``: lesion, stage 1 candidate, dense tissue, lung parenchyma)."""
+    source (``SAMPLE_SOURCES``: lesion, stage 1 candidate, dense tissue, lung parenchyma, blob candidate)."""
 
     case: np.ndarray
     centers: np.ndarray
@@ -244,14 +244,15 @@ class Stage2Samples:
     source: np.ndarray
 
     def counts(self) -> dict[str, int]:
-        """How many samples of each source (and of each label among the stage 1 candidates)."""
+        """How many samples of each source (and of each label among the stage 1 and blob candidates)."""
         out = {name: int((self.source == i).sum()) for i, name in enumerate(SAMPLE_SOURCES)}
         out["candidate_hits"] = int(((self.source == 1) & (self.labels == 1)).sum())
+        out["blob_hits"] = int(((self.source == 4) & (self.labels == 1)).sum())
         return out
 
 
 #: Where stage 2 samples come from (``Stage2Samples.source``).
-SAMPLE_SOURCES = ("lesion", "stage1_candidate", "dense_tissue", "parenchyma")
+SAMPLE_SOURCES = ("lesion", "stage1_candidate", "dense_tissue", "parenchyma", "blob_candidate")
 #: Tissue denser than this (HU) inside the lung mask: vessels, airway walls, fissures, pleura.
 DENSE_HU = -500.0
 
@@ -263,7 +264,8 @@ def _hits(center: np.ndarray, balls: Sequence[tuple[np.ndarray, float]], min_rad
 def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.random.Generator,
                     device: str = "cpu", jitter_mm: float = 2.0, positives_per_lesion: int = 4,
                     dense_per_case: int = 150, parenchyma_per_case: int = 50) -> Stage2Samples:
-    """Stage 2 samples of every case: stage 1's candidates (a hit lies within a lesion's radius), jittered
+    """Stage 2 samples of every case: stage 1's candidates and blob-filter proposals (``Detector.blob_candidates``,
+    when the model has them; a hit lies within a lesion's radius), jittered
     lesion centres, and negatives drawn from the host's own tissue inside the lung mask (``dense_per_case``
     points of tissue over ``DENSE_HU``, ``parenchyma_per_case`` points anywhere), away from lesions and
     ignore regions. The tissue negatives matter most when stage 1 has learnt the training hosts so well that it
@@ -273,13 +275,15 @@ def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.r
     rows: list[tuple[int, np.ndarray, int, int]] = []  # case, centre, label, source
     for n, c in enumerate(cases):
         prob, logit = detector.stage1_maps(c.prep.image)
-        cands, _ = detector.candidates(prob, c.prep.lung, c.prep.geometry, logit=logit)
+        cands, regions = detector.candidates(prob, c.prep.lung, c.prep.geometry, logit=logit)
+        blobs = detector.blob_candidates(c.prep, prob, regions, logit)
         lesion_balls = [(p, d / 2) for p, d in c.case.lesions]
-        for cand in cands:
-            hit = _hits(cand.center_lps, lesion_balls, MIN_HIT_RADIUS_MM)
-            if not hit and _hits(cand.center_lps, c.case.ignore):
-                continue
-            rows.append((n, np.asarray(cand.center_lps), int(hit), 1))
+        for source, found in ((1, cands), (4, blobs)):
+            for cand in found:
+                hit = _hits(cand.center_lps, lesion_balls, MIN_HIT_RADIUS_MM)
+                if not hit and _hits(cand.center_lps, c.case.ignore):
+                    continue
+                rows.append((n, np.asarray(cand.center_lps), int(hit), source))
         for p, _d in c.case.lesions:
             for _ in range(positives_per_lesion):
                 rows.append((n, np.asarray(p) + np.clip(rng.normal(0, jitter_mm / 2, 3), -jitter_mm, jitter_mm), 1, 0))

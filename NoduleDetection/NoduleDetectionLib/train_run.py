@@ -6,7 +6,7 @@
       "seed": 0,
       "init_model": null,                  # or a model file to fine-tune
       "init_stages": ["stage1", "stage2"], # the stages that start from init_model (others start afresh)
-      "model": {...},                      # ModelConfig fields (ignored when fine-tuning)
+      "model": {...},                      # ModelConfig fields (when fine-tuning, only FINE_TUNE_SETTINGS)
       "train": [SOURCE, ...],
       "validation": [SOURCE, ...],
       "stage1": {"steps": 1500, "batch": 4, "lr": 0.003},
@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 
 #: The two networks of a model, as named in ``init_stages``.
 STAGES = ("stage1", "stage2")
+#: Stage 1 settings of the config's ``model`` section that apply when fine-tuning too (they change what is
+#: proposed to stage 2, not the networks): e.g. a fine-tuned stage 2 learns to judge blob-filter proposals.
+FINE_TUNE_SETTINGS = ("blob_candidates",)
 #: Training insertion seeds must stay below this; validation lesion sets use seeds from it upwards.
 VALIDATION_SEED_BASE = 1000
 
@@ -239,6 +242,10 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
     if config.get("init_model"):
         model = NoduleModel.load(config["init_model"])
         model.config.card = {}
+        for key in FINE_TUNE_SETTINGS:
+            value = ((config.get("model") or {}).get("stage1") or {}).get(key)
+            if value is not None:
+                setattr(model.config.stage1, key, value)
         afresh = [s for s in STAGES if s not in config.get("init_stages", STAGES)]
         if afresh:
             fresh = NoduleModel.build(model.config, seed=settings.seed)

@@ -1,0 +1,134 @@
+"""Small-nodule proposals by a classical blob filter, beside stage 1.
+
+Stage 1 finds few nodules under 6 mm, and almost none of those touching the pleura (see the model card), while
+stage 2, shown such a nodule's centre, mostly recognises it. This filter proposes bright compact spots of the
+lungs for stage 2 to judge (``Stage1Config.blob_candidates`` per scan, strongest first):
+
+1. white top-hat: the working-grid image minus its grey opening by a cube of ``TOPHAT_SIZE_MM``, which removes
+   whatever is wider than the cube (chest wall, mediastinum, diaphragm) and keeps what is narrower, so a small
+   nodule on the pleura stands alone like a free one;
+2. Hessian dot filter (Li, Sone and Doi, Med. Phys. 2003): at each scale ``σ`` of ``SCALES_MM``, where the three
+   eigenvalues ``λ1 ≤ λ2 ≤ λ3`` of the scale-normalised Hessian are all negative, ``λ3² / |λ1|``: high at the centre
+   of a sphere of radius about ``σ√3``, low on a vessel (``λ3 ≈ 0`` along it) or a fissure; the highest over scales;
+3. local maxima (over ``PEAK_SPACING_MM``) inside the lung mask and outside the regions already proposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .geometry import Geometry
+
+#: Side of the cube (mm) of the top-hat's opening: nodules up to about this size stay, the chest wall goes.
+TOPHAT_SIZE_MM = 9.0
+#: Scales (Gaussian σ, mm) of the dot filter: spheres of about 3-8 mm diameter.
+SCALES_MM = (1.0, 1.5, 2.2)
+#: Only voxels at least this bright in the top-hat image (normalised units, 0.05 = 70 HU) are filtered.
+MIN_TOPHAT = 0.05
+#: Two proposals are at least about this far apart (mm): the size of the local-maximum window.
+PEAK_SPACING_MM = 4.5
+#: A proposal's outline: its top-hat at least half the peak's, within this radius (mm) of the peak.
+OUTLINE_RADIUS_MM = 4.0
+
+
+@dataclass
+class Blobs:
+    """Proposals on the working grid: ``kji`` peak indices ``int (N, 3)`` (strongest first), ``strength``
+    (dot filter), and ``tophat``, the top-hat image ``float32 [k, j, i]`` (for outlines)."""
+
+    kji: np.ndarray
+    strength: np.ndarray
+    tophat: np.ndarray
+
+
+def _odd_voxels(size_mm: float, spacing_kji: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(max(3, 2 * round(size_mm / s / 2) + 1)) for s in spacing_kji)
+
+
+def symmetric_eigenvalues(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest eigenvalues of symmetric 3×3 matrices given by their six entries ``h`` ``(6, N)``
+    (``xx, yy, zz, xy, xz, yz``), in closed form (Smith, Comm. ACM 1961)."""
+    a, b, c, d, e, f = h
+    q = (a + b + c) / 3.0
+    p1 = d * d + e * e + f * f
+    p = np.sqrt(((a - q) ** 2 + (b - q) ** 2 + (c - q) ** 2 + 2.0 * p1) / 6.0)
+    safe = np.where(p > 0, p, 1.0)
+    ba, bb, bc, bd, be, bf = (a - q) / safe, (b - q) / safe, (c - q) / safe, d / safe, e / safe, f / safe
+    r = np.clip((ba * (bb * bc - bf * bf) - bd * (bd * bc - bf * be) + be * (bd * bf - bb * be)) / 2.0, -1.0, 1.0)
+    phi = np.arccos(r) / 3.0
+    largest = q + 2.0 * p * np.cos(phi)
+    smallest = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
+    return smallest, largest
+
+
+def dot_filter(image: np.ndarray, spacing_kji: np.ndarray, where: np.ndarray,
+               scales_mm: tuple[float, ...] = SCALES_MM) -> np.ndarray:
+    """Multi-scale Hessian dot filter of ``image`` ``[k, j, i]`` (voxel size ``spacing_kji`` mm), computed at the
+    voxels of ``where`` (0 elsewhere); ``float32``. The Hessian: central differences of the image smoothed by a
+    Gaussian of each scale, scaled by ``σ²``."""
+    out = np.zeros(image.shape, np.float32)
+    idx = np.array(np.nonzero(where))
+    if idx.shape[1] == 0:
+        return out
+    spacing_kji = np.asarray(spacing_kji, float)
+    top = np.array(image.shape)[:, None] - 1
+    step = np.eye(3, dtype=int)[:, :, None]
+    plus = [tuple(np.minimum(idx + step[a], top)) for a in range(3)]
+    minus = [tuple(np.maximum(idx - step[a], 0)) for a in range(3)]
+    best = np.zeros(idx.shape[1], np.float32)
+    for s_mm in scales_mm:
+        g = ndimage.gaussian_filter(image, s_mm / spacing_kji, truncate=3.0)
+        centre = g[tuple(idx)]
+        second = [(g[plus[a]] - 2.0 * centre + g[minus[a]]) / spacing_kji[a] ** 2 for a in range(3)]
+        mixed = []
+        for a, b in ((0, 1), (0, 2), (1, 2)):
+            corner = [tuple(np.clip(idx + sa * step[a] + sb * step[b], 0, top)) for sa in (1, -1) for sb in (1, -1)]
+            difference = g[corner[0]] - g[corner[1]] - g[corner[2]] + g[corner[3]]
+            mixed.append(difference / (4.0 * spacing_kji[a] * spacing_kji[b]))
+        # (xx, yy, zz, xy, xz, yz) with x = i, y = j, z = k; the eigenvalues do not depend on the axis order
+        smallest, largest = symmetric_eigenvalues(np.array([second[2], second[1], second[0],
+                                                            mixed[2], mixed[1], mixed[0]]) * s_mm**2)
+        dot = np.where(largest < 0, largest * largest / np.maximum(-smallest, 1e-6), 0.0)
+        np.maximum(best, dot.astype(np.float32), out=best)
+    out[tuple(idx)] = best
+    return out
+
+
+def find_blobs(image: np.ndarray, lung: np.ndarray, geometry: Geometry, count: int,
+               exclude: np.ndarray | None = None) -> Blobs:
+    """The ``count`` strongest blob proposals of a normalised working-grid image ``[k, j, i]`` inside ``lung``
+    and outside ``exclude`` (both ``bool [k, j, i]``); ``geometry``: the working grid's (LPS)."""
+    spacing_kji = np.array(geometry.spacing, float)[::-1]
+    img = image.astype(np.float32, copy=False)
+    tophat = img - ndimage.grey_opening(img, size=_odd_voxels(TOPHAT_SIZE_MM, spacing_kji))
+    where = lung & (tophat >= MIN_TOPHAT)
+    if exclude is not None:
+        where &= ~exclude
+    dot = dot_filter(tophat, spacing_kji, where)
+    peaks = (dot > 0) & (dot == ndimage.maximum_filter(dot, size=_odd_voxels(PEAK_SPACING_MM, spacing_kji)))
+    kji = np.argwhere(peaks)
+    strength = dot[peaks]
+    order = np.argsort(-strength, kind="stable")[: max(count, 0)]
+    return Blobs(kji[order], strength[order], tophat)
+
+
+def blob_outline(blobs: Blobs, n: int, geometry: Geometry, free: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Outline of proposal ``n``: the voxels within ``OUTLINE_RADIUS_MM`` of its peak whose top-hat is at least
+    half the peak's, connected to the peak, and ``free`` (``bool [k, j, i]``). Returns the box and a mask over it
+    (the peak itself always in it)."""
+    spacing_kji = np.array(geometry.spacing, float)[::-1]
+    centre = blobs.kji[n]
+    r = np.ceil(OUTLINE_RADIUS_MM / spacing_kji).astype(int)
+    lo = np.maximum(centre - r, 0)
+    hi = np.minimum(centre + r + 1, blobs.tophat.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grid = np.ogrid[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, centre))]
+    ball = sum((g * s) ** 2 for g, s in zip(grid, spacing_kji)) <= OUTLINE_RADIUS_MM**2
+    peak = tuple(centre - lo)
+    mask = ball & free[box] & (blobs.tophat[box] >= 0.5 * blobs.tophat[tuple(centre)])
+    mask[peak] = True
+    labels, _ = ndimage.label(mask)
+    return box, labels == labels[peak]

@@ -1,0 +1,105 @@
+"""The blob filter's small-nodule proposals, alone and as the detector's extra candidates."""
+
+import numpy as np
+import pytest
+from NoduleDetectionLib.blobs import blob_outline, find_blobs, symmetric_eigenvalues
+from NoduleDetectionLib.detect import Detector
+from NoduleDetectionLib.geometry import Geometry
+from NoduleDetectionLib.preprocess import prepare
+from NoduleDetectionLib.synthetic import make_phantom
+
+
+def test_closed_form_eigenvalues_match_lapack():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 3, 3))
+    a = a + a.transpose(0, 2, 1)
+    a[:5] = np.eye(3) * rng.normal(size=(5, 1, 1))  # repeated eigenvalues: the formula's special case
+    ref = np.linalg.eigvalsh(a)
+    smallest, largest = symmetric_eigenvalues(np.array([a[:, 0, 0], a[:, 1, 1], a[:, 2, 2],
+                                                        a[:, 0, 1], a[:, 0, 2], a[:, 1, 2]]))
+    np.testing.assert_allclose(smallest, ref[:, 0], atol=1e-9)
+    np.testing.assert_allclose(largest, ref[:, 2], atol=1e-9)
+
+
+def _ball(shape, spacing_kji, centre_kji, radius_mm):
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre_kji, spacing_kji)) <= radius_mm**2
+
+
+@pytest.fixture(scope="module")
+def lung_scene():
+    """Normalised intensities on a 1.5 mm grid ``[k, j, i]``: lung (0.1) and, from i = 60 on, chest wall (0.7); a
+    5 mm nodule touching the wall, a free 4 mm nodule, and a 3 mm vessel along k through the whole volume."""
+    shape, sp = (40, 48, 72), np.array([1.5, 1.5, 1.5])
+    image = np.full(shape, 0.1, np.float32)
+    image[:, :, 60:] = 0.7
+    pleural = (20, 16, 60 - 1.5)  # centre 2.25 mm from the wall: the nodule sits on it
+    free = (14, 34, 20)
+    for centre, radius in ((pleural, 2.5), (free, 2.0)):
+        image[_ball(shape, sp, centre, radius)] = 0.65
+    j, i = np.ogrid[:shape[1], :shape[2]]
+    image[:, ((j - 30) * 1.5) ** 2 + ((i - 42) * 1.5) ** 2 <= 1.5**2] = 0.6
+    image += np.random.default_rng(1).normal(0, 0.01, shape).astype(np.float32)
+    lung = np.zeros(shape, bool)
+    lung[:, :, :63] = True  # the lung mask reaches a little into the wall, as ``lung_mask`` does
+    geometry = Geometry(tuple(sp[::-1]), (0.0, 0.0, 0.0))
+    return image, lung, geometry, [np.array(pleural), np.array(free)]
+
+
+def test_both_nodules_outrank_the_vessel_and_the_wall(lung_scene):
+    image, lung, geometry, nodules = lung_scene
+    blobs = find_blobs(image, lung, geometry, count=10)
+    assert len(blobs.kji) >= 2 and np.all(np.diff(blobs.strength) <= 0)
+    top_two = blobs.kji[:2].astype(float)
+    for centre in nodules:
+        assert np.min(np.linalg.norm((top_two - centre) * 1.5, axis=1)) <= 2.0, (centre, top_two)
+
+
+def test_proposals_avoid_excluded_voxels(lung_scene):
+    image, lung, geometry, nodules = lung_scene
+    exclude = _ball(image.shape, np.full(3, 1.5), nodules[1], 6.0)
+    blobs = find_blobs(image, lung, geometry, count=10, exclude=exclude)
+    assert not exclude[tuple(blobs.kji.T)].any()
+    assert np.min(np.linalg.norm((blobs.kji[:1] - nodules[0]) * 1.5, axis=1)) <= 2.0
+
+
+def test_outline_covers_the_nodule_not_the_wall(lung_scene):
+    image, lung, geometry, nodules = lung_scene
+    blobs = find_blobs(image, lung, geometry, count=2)
+    n = int(np.argmin(np.linalg.norm(blobs.kji - nodules[0], axis=1)))
+    box, mask = blob_outline(blobs, n, geometry, np.ones(image.shape, bool))
+    volume_mm3 = mask.sum() * 1.5**3
+    assert 0.3 * (np.pi / 6 * 5.0**3) <= volume_mm3 <= 3.0 * (np.pi / 6 * 5.0**3)
+    assert (np.nonzero(mask)[2] + box[2].start).max() <= 62  # never more than a voxel or two into the wall
+    taken = np.zeros(image.shape, bool)
+    _, none = blob_outline(blobs, n, geometry, taken)
+    assert none.sum() == 1  # only its own peak, when every other voxel is taken
+
+
+def test_detector_adds_blob_candidates_outside_stage1_regions(tiny_model_path):
+    phantom = make_phantom(np.random.default_rng(11), n_nodules=2, diameters_mm=(6.0, 10.0), n_vessels=4)
+    detector = Detector.load(tiny_model_path, device="cpu")
+    prep = prepare(phantom.volume, detector.config.stage1.spacing_mm, detector.config.hu_window)
+    prob = detector.probability_map(prep.image)
+    cands, regions = detector.candidates(prob, prep.lung, prep.geometry)
+    assert detector.blob_candidates(prep, prob, regions) == []  # the tiny model proposes none
+    before = regions.copy()
+    detector.config.stage1.blob_candidates = 6
+    try:
+        extra = detector.blob_candidates(prep, prob, regions)
+        assert 0 < len(extra) <= 6
+        assert np.array_equal(regions[before > 0], before[before > 0])  # stage 1 regions are left as they were
+        assert {c.region for c in extra} == set(np.unique(regions[before == 0])) - {0}
+        assert min(c.region for c in extra) > before.max()
+        for c in extra:
+            k, j, i = np.round(prep.geometry.lps_to_index(c.center_lps)[::-1]).astype(int)
+            assert regions[k, j, i] == c.region and prep.lung[k, j, i]
+            assert c.score == pytest.approx(float(prob[regions == c.region].max()))
+        first = detector.detect(phantom.volume, threshold=0.0)
+        again = detector.detect(phantom.volume, threshold=0.0)
+        assert len(first.nodules) >= len(cands) and "blobs" in first.timings
+        assert [n.center_lps for n in first.nodules] == [n.center_lps for n in again.nodules]
+        assert np.array_equal(first.label_map, again.label_map)
+        assert set(np.unique(first.label_map)) == set(range(len(first.nodules) + 1))
+    finally:
+        detector.config.stage1.blob_candidates = 0
