@@ -71,9 +71,10 @@ def test_outline_covers_the_nodule_not_the_wall(lung_scene):
     volume_mm3 = mask.sum() * 1.5**3
     assert 0.3 * (np.pi / 6 * 5.0**3) <= volume_mm3 <= 3.0 * (np.pi / 6 * 5.0**3)
     assert (np.nonzero(mask)[2] + box[2].start).max() <= 62  # never more than a voxel or two into the wall
-    taken = np.zeros(image.shape, bool)
-    _, none = blob_outline(blobs, n, geometry, taken)
-    assert none.sum() == 1  # only its own peak, when every other voxel is taken
+    only_peak = np.zeros(image.shape, bool)
+    only_peak[tuple(blobs.kji[n])] = True
+    assert blob_outline(blobs, n, geometry, only_peak)[1].sum() == 1
+    assert not blob_outline(blobs, n, geometry, ~only_peak)[1].any()  # its peak taken: no outline
 
 
 def test_detector_adds_blob_candidates_outside_stage1_regions(tiny_model_path):

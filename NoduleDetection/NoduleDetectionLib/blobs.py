@@ -117,8 +117,8 @@ def find_blobs(image: np.ndarray, lung: np.ndarray, geometry: Geometry, count: i
 
 def blob_outline(blobs: Blobs, n: int, geometry: Geometry, free: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
     """Outline of proposal ``n``: the voxels within ``OUTLINE_RADIUS_MM`` of its peak whose top-hat is at least
-    half the peak's, connected to the peak, and ``free`` (``bool [k, j, i]``). Returns the box and a mask over it
-    (the peak itself always in it)."""
+    half the peak's, connected to the peak, and ``free`` (``bool [k, j, i]``). Returns the box and a mask over it:
+    empty when the peak itself is not free, else holding the peak."""
     spacing_kji = np.array(geometry.spacing, float)[::-1]
     centre = blobs.kji[n]
     r = np.ceil(OUTLINE_RADIUS_MM / spacing_kji).astype(int)
@@ -129,6 +129,8 @@ def blob_outline(blobs: Blobs, n: int, geometry: Geometry, free: np.ndarray) -> 
     ball = sum((g * s) ** 2 for g, s in zip(grid, spacing_kji)) <= OUTLINE_RADIUS_MM**2
     peak = tuple(centre - lo)
     mask = ball & free[box] & (blobs.tophat[box] >= 0.5 * blobs.tophat[tuple(centre)])
+    if not free[tuple(centre)]:
+        return box, np.zeros_like(mask)
     mask[peak] = True
     labels, _ = ndimage.label(mask)
     return box, labels == labels[peak]

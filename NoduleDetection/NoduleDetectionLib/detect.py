@@ -330,11 +330,12 @@ class Detector:
         blobs = find_blobs(prep.image, prep.lung, prep.geometry, cfg.blob_candidates, exclude=~free)
         voxel_mm3 = float(np.prod(prep.geometry.spacing))
         out = []
+        region = int(regions.max())
         for n in range(len(blobs.kji)):
             box, mask = blob_outline(blobs, n, prep.geometry, free)
             if not mask.any():  # its peak was taken by an earlier, stronger proposal's outline
                 continue
-            region = int(regions.max()) + 1
+            region += 1
             regions[box][mask] = region
             free[box][mask] = False
             if logit is not None and cfg.score_temperature is not None:
