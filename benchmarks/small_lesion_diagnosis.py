@@ -10,8 +10,8 @@ folder), with one model:
 
 Writes a Markdown summary by size band and position to ``--out`` and prints it::
 
-    .venv/bin/python benchmarks/small_lesion_diagnosis.py valdata2000 --model Resources/Models/nodule_detector.safetensors \
-        --blobs 100 --out diagnosis.md
+    .venv/bin/python benchmarks/small_lesion_diagnosis.py valdata2000 \
+        --model Resources/Models/nodule_detector.safetensors --blobs 100 --out diagnosis.md
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ from NoduleDetectionLib.io import read_ct  # noqa: E402
 from NoduleDetectionLib.preprocess import prepare  # noqa: E402
 
 BANDS = ((3.0, 6.0), (6.0, 10.0), (10.0, 30.0))
+
+
+def _hit(found: list, centre: np.ndarray, radius: float) -> bool:
+    """Whether any of the candidates ``found`` lies within ``radius`` mm of ``centre`` (LPS mm)."""
+    return bool(found) and bool((np.linalg.norm(np.array([c.center_lps for c in found]) - centre, axis=1)
+                                 <= radius).any())
 
 
 def lesion_rows(dataset: Path, model: Path, blobs: int) -> list[dict]:
@@ -54,14 +60,10 @@ def lesion_rows(dataset: Path, model: Path, blobs: int) -> list[dict]:
         for f, centre, p2 in zip(nodules, centres, at_centre):
             near = np.linalg.norm(voxel_lps - centre, axis=1) <= max(f.diameter_mm / 2, 2.0)
             radius = match_radius_mm(f.diameter_mm)
-
-            def hit(found) -> bool:
-                return bool(found) and bool((np.linalg.norm(np.array([c.center_lps for c in found]) - centre,
-                                                            axis=1) <= radius).any())
-
             rows.append({"diameter_mm": f.diameter_mm, "position": f.attributes.get("position", "-"),
                          "stage1_peak": float(prob.reshape(-1)[near].max()) if near.any() else 0.0,
-                         "stage1_hit": hit(cands), "blob_hit": hit(extra), "stage2_at_centre": float(p2)})
+                         "stage1_hit": _hit(cands, centre, radius), "blob_hit": _hit(extra, centre, radius),
+                         "stage2_at_centre": float(p2)})
         print(f"{scan.name}: {len(nodules)} nodules", file=sys.stderr)
     return rows
 
