@@ -44,7 +44,7 @@ def test_result_structure(detector, phantom):
         assert n.volume_mm3 == pytest.approx(count * phantom.volume.voxel_volume_mm3)
         assert n.diameter_mm == pytest.approx((6 * n.volume_mm3 / np.pi) ** (1 / 3))
         assert n.kind == ("mass" if n.diameter_mm > 30 else "nodule")
-    assert set(result.timings) == {"preprocess", "stage1", "masses", "stage2", "postprocess"}
+    assert set(result.timings) == {"preprocess", "stage1", "blobs", "masses", "stage2", "postprocess"}
 
 
 def test_same_input_same_output(detector, phantom):

@@ -4,7 +4,7 @@ On one machine, in one run, for each scan (default: LIDC-IDRI-0002 and LIDC-IDRI
 
 * **ours**: ``nodule-detection detect SCAN -o TMP`` as a separate process: whole-process wall time, peak
   resident memory of that process (``wait4``), and wall time per stage from its log line
-  (``timings read=… preprocess=… stage1=… masses=… stage2=… postprocess=… write=…``); ``startup`` is the rest
+  (``timings read=… preprocess=… stage1=… blobs=… masses=… stage2=… postprocess=… write=…``); ``startup`` is the rest
   (Python and library imports, model load);
 * **floor**: a process that only reads the scan with SimpleITK (no detector can beat it);
 * **MONAI**: the ``lung_nodule_ct_detection`` bundle's RetinaNet (3D ResNet50-FPN) on whole 512×512×192
@@ -255,9 +255,10 @@ def main() -> int:
 
 def table(report: dict) -> str:
     """A Markdown table of the report (the README's performance table)."""
-    head = ("| scan | read | preprocess | stage 1 | masses | stage 2 | outline | write | startup | **whole detect** "
-            "| peak RSS | SimpleITK read (process) | ours / floor | MONAI network (extrapolated) | MONAI / ours |")
-    lines = [head, "|" + "---|" * 15]
+    head = ("| scan | read | preprocess | stage 1 | blob filter | masses | stage 2 | outline | write | startup "
+            "| **whole detect** | peak RSS | SimpleITK read (process) | ours / floor | MONAI network (extrapolated) "
+            "| MONAI / ours |")
+    lines = [head, "|" + "---|" * 16]
     for r in report["scans"]:
         o, s = r["ours"], r["ours"]["stages_s"]
         monai = (f"{r['monai_s'] / 60:.1f} min ({r['monai_windows']['windows']} windows, from "

@@ -75,7 +75,7 @@ class ScanStatus:
         rank: the process (``torchrun`` rank) that ran it.
         model_sha256: checksum of the model's weights, and ``threshold`` the probability threshold used:
             a finished scan is skipped on resume only when both match.
-        timings_s: seconds per stage (read, preprocess, stage1, masses, stage2, postprocess, write).
+        timings_s: seconds per stage (read, preprocess, stage1, blobs, masses, stage2, postprocess, write).
     """
 
     scan: str
