@@ -125,12 +125,12 @@ def blob_outline(blobs: Blobs, n: int, geometry: Geometry, free: np.ndarray) -> 
     lo = np.maximum(centre - r, 0)
     hi = np.minimum(centre + r + 1, blobs.tophat.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    if not free[tuple(centre)]:
+        return box, np.zeros(tuple(hi - lo), bool)
     grid = np.ogrid[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, centre))]
     ball = sum((g * s) ** 2 for g, s in zip(grid, spacing_kji)) <= OUTLINE_RADIUS_MM**2
     peak = tuple(centre - lo)
     mask = ball & free[box] & (blobs.tophat[box] >= 0.5 * blobs.tophat[tuple(centre)])
-    if not free[tuple(centre)]:
-        return box, np.zeros_like(mask)
     mask[peak] = True
     labels, _ = ndimage.label(mask)
     return box, labels == labels[peak]

@@ -85,9 +85,9 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
 
     The candidates are ``Detector.detect``'s: stage 1 regions, then blob-filter proposals outside them (when the
     model has ``blob_candidates``). ``volume``: the scan in HU; ``prep``: ``preprocess.prepare`` of it at the
-    model's spacing. Stage 2
-    probabilities are zeros unless ``use_stage2``. ``with_masses``: add the masses ``Detector.detect`` would
-    report (scored 1 by both stages) and drop the candidates centred in them, as ``detect`` does.
+    model's spacing. Stage 2 probabilities are zeros unless ``use_stage2``. ``with_masses``: add the masses
+    ``Detector.detect`` would report (scored 1 by both stages) and drop the candidates centred in them, as
+    ``detect`` does.
     """
     prob, logit = detector.stage1_maps(prep.image, logits=True)
     out = {}

@@ -434,8 +434,10 @@ class Detector:
         t0 = time.perf_counter()
         step("blob filter", 0.0)
         first_blob = int(regions.max()) + 1
-        cands += self.blob_candidates(prep, prob, regions, logit)
-        prob[regions >= first_blob] = 1.0  # a kept proposal is outlined by its region (see ``_outline``)
+        blob_cands = self.blob_candidates(prep, prob, regions, logit)
+        if blob_cands:
+            prob[regions >= first_blob] = 1.0  # a kept proposal is outlined by its region (see ``_outline``)
+        cands += blob_cands
         timings["blobs"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
