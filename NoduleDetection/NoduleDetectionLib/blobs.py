@@ -78,16 +78,16 @@ def dot_filter(image: np.ndarray, spacing_kji: np.ndarray, where: np.ndarray,
     step = np.eye(3, dtype=int)[:, :, None]
     plus = [tuple(np.minimum(idx + step[a], top)) for a in range(3)]
     minus = [tuple(np.maximum(idx - step[a], 0)) for a in range(3)]
+    pairs = ((0, 1), (0, 2), (1, 2))
+    corners = [[tuple(np.clip(idx + sa * step[a] + sb * step[b], 0, top)) for sa in (1, -1) for sb in (1, -1)]
+               for a, b in pairs]
     best = np.zeros(idx.shape[1], np.float32)
     for s_mm in scales_mm:
         g = ndimage.gaussian_filter(image, s_mm / spacing_kji, truncate=3.0)
         centre = g[tuple(idx)]
         second = [(g[plus[a]] - 2.0 * centre + g[minus[a]]) / spacing_kji[a] ** 2 for a in range(3)]
-        mixed = []
-        for a, b in ((0, 1), (0, 2), (1, 2)):
-            corner = [tuple(np.clip(idx + sa * step[a] + sb * step[b], 0, top)) for sa in (1, -1) for sb in (1, -1)]
-            difference = g[corner[0]] - g[corner[1]] - g[corner[2]] + g[corner[3]]
-            mixed.append(difference / (4.0 * spacing_kji[a] * spacing_kji[b]))
+        mixed = [(g[c[0]] - g[c[1]] - g[c[2]] + g[c[3]]) / (4.0 * spacing_kji[a] * spacing_kji[b])
+                 for (a, b), c in zip(pairs, corners)]
         # (xx, yy, zz, xy, xz, yz) with x = i, y = j, z = k; the eigenvalues do not depend on the axis order
         smallest, largest = symmetric_eigenvalues(np.array([second[2], second[1], second[0],
                                                             mixed[2], mixed[1], mixed[0]]) * s_mm**2)
