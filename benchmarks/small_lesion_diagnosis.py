@@ -39,6 +39,18 @@ def _hit(found: list, centre: np.ndarray, radius: float) -> bool:
                                  <= radius).any())
 
 
+def _peak_within(prob: np.ndarray, geometry, centre: np.ndarray, radius_mm: float) -> float:
+    """Highest value of the working-grid map ``prob`` ``[k, j, i]`` within ``radius_mm`` of ``centre`` (LPS mm); 0 if
+    no voxel centre lies that close. Only the box around the ball is searched."""
+    kji = np.asarray(geometry.lps_to_index(centre))[::-1]
+    reach = np.ceil(radius_mm / np.array(geometry.spacing)[::-1]) + 1
+    lo = np.clip(np.floor(kji - reach), 0, prob.shape).astype(int)
+    hi = np.clip(np.ceil(kji + reach) + 1, 0, prob.shape).astype(int)
+    voxels = np.argwhere(np.ones(tuple(hi - lo), bool)) + lo
+    near = np.linalg.norm(geometry.index_to_lps(voxels[:, ::-1].astype(float)) - centre, axis=1) <= radius_mm
+    return float(prob[tuple(voxels[near].T)].max()) if near.any() else 0.0
+
+
 def lesion_rows(dataset: Path, model: Path, blobs: int) -> list[dict]:
     """One row per nodule: size, position, stage 1 peak, candidate hits, stage 2 at the true centre."""
     detector = Detector.load(model, device="cpu")
@@ -56,12 +68,11 @@ def lesion_rows(dataset: Path, model: Path, blobs: int) -> list[dict]:
         extra = detector.blob_candidates(prep, prob, regions, logit)
         centres = np.array([f.center_lps for f in nodules])
         at_centre = detector.classify(volume, centres)
-        voxel_lps = prep.geometry.index_to_lps(np.argwhere(np.ones(prob.shape, bool))[:, ::-1].astype(float))
         for f, centre, p2 in zip(nodules, centres, at_centre):
-            near = np.linalg.norm(voxel_lps - centre, axis=1) <= max(f.diameter_mm / 2, 2.0)
+            peak = _peak_within(prob, prep.geometry, centre, max(f.diameter_mm / 2, 2.0))
             radius = match_radius_mm(f.diameter_mm)
             rows.append({"diameter_mm": f.diameter_mm, "position": f.attributes.get("position", "-"),
-                         "stage1_peak": float(prob.reshape(-1)[near].max()) if near.any() else 0.0,
+                         "stage1_peak": peak,
                          "stage1_hit": _hit(cands, centre, radius), "blob_hit": _hit(extra, centre, radius),
                          "stage2_at_centre": float(p2)})
         print(f"{scan.name}: {len(nodules)} nodules", file=sys.stderr)

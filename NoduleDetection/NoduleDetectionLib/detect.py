@@ -300,16 +300,11 @@ class Detector:
         if n == 0:
             return [], regions
         index = np.arange(1, n + 1)
-        if logit is not None and cfg.score_temperature is not None:
-            score = logit_score(ndimage.maximum(logit, regions, index), cfg.score_temperature)
-        else:
-            score = ndimage.maximum(prob, regions, index)
+        score = self.region_scores(prob, regions, index, logit)
         centres_kji = np.array(ndimage.center_of_mass(prob, regions, index)).reshape(-1, 3)
         core = ndimage.sum_labels(prob >= 0.5, regions, index)
         size = ndimage.sum_labels(np.ones_like(prob, dtype=bool), regions, index)
-        voxel_mm3 = float(np.prod(geometry.spacing))
-        vox = np.where(core > 0, core, size) * voxel_mm3
-        diam = np.maximum((6.0 * vox / np.pi) ** (1.0 / 3.0), min(geometry.spacing))
+        diam = _equivalent_diameter(np.where(core > 0, core, size), geometry)
         centres_lps = geometry.index_to_lps(centres_kji[:, ::-1])
         order = np.argsort(-score, kind="stable")[: cfg.max_candidates]
         cands = [Candidate(int(index[o]), centres_lps[o], float(diam[o]), float(score[o])) for o in order]
@@ -328,8 +323,7 @@ class Detector:
             return []
         free = regions == 0
         blobs = find_blobs(prep.image, prep.lung, prep.geometry, cfg.blob_candidates, exclude=~free)
-        voxel_mm3 = float(np.prod(prep.geometry.spacing))
-        out = []
+        kept, counts = [], []
         region = int(regions.max())
         for n in range(len(blobs.kji)):
             box, mask = blob_outline(blobs, n, prep.geometry, free)
@@ -338,14 +332,24 @@ class Detector:
             region += 1
             regions[box][mask] = region
             free[box][mask] = False
-            if logit is not None and cfg.score_temperature is not None:
-                score = float(logit_score(logit[box][mask].max(), cfg.score_temperature))
-            else:
-                score = float(prob[box][mask].max())
-            centre = prep.geometry.index_to_lps(blobs.kji[n][::-1].astype(float))
-            diameter = max((6.0 * mask.sum() * voxel_mm3 / np.pi) ** (1.0 / 3.0), min(prep.geometry.spacing))
-            out.append(Candidate(region, centre, float(diameter), score))
-        return out
+            kept.append(n)
+            counts.append(int(mask.sum()))
+        if not kept:
+            return []
+        index = np.arange(region - len(kept) + 1, region + 1)
+        score = self.region_scores(prob, regions, index, logit)
+        diam = _equivalent_diameter(np.array(counts), prep.geometry)
+        centres = prep.geometry.index_to_lps(blobs.kji[kept][:, ::-1].astype(float)).reshape(-1, 3)
+        return [Candidate(int(r), c, float(d), float(v)) for r, c, d, v in zip(index, centres, diam, score)]
+
+    def region_scores(self, prob: np.ndarray, regions: np.ndarray, index: np.ndarray,
+                      logit: np.ndarray | None = None) -> np.ndarray:
+        """Stage 1 score of the regions ``index`` of ``regions`` (working grid): the highest probability in each, or,
+        with ``logit`` and the model's ``score_temperature`` T, ``sigmoid(max logit / T)``."""
+        temperature = self.config.stage1.score_temperature
+        if logit is not None and temperature is not None:
+            return logit_score(ndimage.maximum(logit, regions, index), temperature)
+        return np.asarray(ndimage.maximum(prob, regions, index))
 
     def classify(self, volume: CTVolume, centers_lps: np.ndarray, batch: int = 64) -> np.ndarray:
         """Stage 2 probabilities for candidate centres ``(N, 3)`` LPS mm, from the input HU volume."""
@@ -433,10 +437,9 @@ class Detector:
 
         t0 = time.perf_counter()
         step("blob filter", 0.0)
-        first_blob = int(regions.max()) + 1
         blob_cands = self.blob_candidates(prep, prob, regions, logit)
-        if blob_cands:
-            prob[regions >= first_blob] = 1.0  # a kept proposal is outlined by its region (see ``_outline``)
+        if blob_cands:  # the proposals' regions are numbered after stage 1's, the first lowest
+            prob[regions >= blob_cands[0].region] = 1.0  # a kept proposal is outlined by its region (``_outline``)
         cands += blob_cands
         timings["blobs"] = time.perf_counter() - t0
 
@@ -509,6 +512,13 @@ class Detector:
             kind = "mass" if diameter > self.config.mass_diameter_mm else "nodule"
             nodules.append(Nodule(n, tuple(float(v) for v in centre), diameter, vol, p, kind))
         return nodules, label_map
+
+
+def _equivalent_diameter(voxels: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Equivalent-sphere diameters (mm) of regions of ``voxels`` voxels of ``geometry``, at least its smallest
+    voxel side."""
+    vox = np.asarray(voxels) * float(np.prod(geometry.spacing))
+    return np.maximum((6.0 * vox / np.pi) ** (1.0 / 3.0), min(geometry.spacing))
 
 
 def _upsampled_region(prob: np.ndarray, regions: np.ndarray, region: int, box: tuple[slice, ...],
