@@ -72,7 +72,10 @@ def test_stop_then_resume(tmp_path):
     stopped_at = max(r["step"] for r in run.records if r["stage"] == "stage1")
     assert stopped_at < 400
 
-    config_path = process.write_config({**config, "stage1": {**config["stage1"], "steps": 12}},
+    # A few steps past where it stopped: the stop lands some steps after step 6, and a resumed run with fewer steps
+    # than its checkpoint would have no stage 1 step left to take.
+    resume_steps = stopped_at + 2
+    config_path = process.write_config({**config, "stage1": {**config["stage1"], "steps": resume_steps}},
                                        tmp_path / "config.json", overwrite=True)
     resumed = process.TrainingProcess(config_path, outdir, device="cpu", resume=True).start()
     records = follow(resumed, 300)[len(run.records):]  # the log goes on in the same file
@@ -82,7 +85,7 @@ def test_stop_then_resume(tmp_path):
     assert "resuming from" in console
     steps = [r["step"] for r in records if r["stage"] == "stage1"]
     assert steps[0] > 1 and (steps[0] - 1) % 5 == 0, steps  # continued after a checkpoint, not restarted
-    assert steps[-1] == 12
+    assert steps[-1] == resume_steps
 
 
 @pytest.mark.mrml
