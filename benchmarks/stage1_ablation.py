@@ -36,8 +36,8 @@ BALANCED = REPO / "Resources" / "Training" / "balanced_lesions.json"
 HOST = "LIDC-IDRI-0002"
 HALF = f"{HOST}-half"
 
-#: The variants: the changes each makes to the baseline ``A``; round 1 ran A-D (6 training copies, 8 minutes),
-#: round 2 E-H (4 copies, 5.5 minutes).
+#: The variants: round and the changes each makes to the baseline ``A``; round 3 trains longer (3000 steps),
+#: E and F again and the same with the shipped stage 1's recipe (I) and with a wider U-net (L).
 SMALL_TARGETS = {"min_target_mm": 6.0}
 NO_THICK_SLICES = {"thick_slices": False}
 MORE_LESIONS = {"positive_fraction": 0.8, "lesions_per_scan": 80}
@@ -50,7 +50,13 @@ VARIANTS: dict[str, tuple[int, dict]] = {
     "F": (2, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, "channels": [16, 32, 64, 128]}),
     "G": (2, {"seed": 1}),
     "H": (2, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, "seed": 1}),
+    "I": (3, SMALL_TARGETS),
+    "J": (3, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS}),
+    "K": (3, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, "channels": [16, 32, 64, 128]}),
+    "L": (3, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, "channels": [32, 64, 128, 256]}),
 }
+#: Per round: training copies, stage 1 steps, validation interval and time budget (minutes; stage 1 may use 65%).
+ROUNDS = {1: (6, 2000, 250, 8.0), 2: (4, 2000, 250, 5.5), 3: (4, 3000, 500, 9.0)}
 
 
 def half_host(shared: Path) -> CTVolume:
@@ -69,14 +75,15 @@ def half_host(shared: Path) -> CTVolume:
 def config(variant: str) -> dict:
     """The training config of one variant (paths relative to the prepared folder)."""
     rounds, changes = VARIANTS[variant]
+    copies, steps, every, minutes = ROUNDS[rounds]
     out = json.loads(BALANCED.read_text())
-    insert = {"lesions_per_scan": changes.get("lesions_per_scan", 40), "copies": 6 if rounds == 1 else 4, "seed": 1,
+    insert = {"lesions_per_scan": changes.get("lesions_per_scan", 40), "copies": copies, "seed": 1,
               "mix": {"median_diameter_mm": 7.5, "log_sigma": 0.7}}
     out["train"] = [{"path": ".", "scans": [f"{HALF}.nrrd"], "insert": insert}]
     out["validation"] = [{"path": ".", "scans": [f"{HALF}.nrrd"],
                           "insert": {"lesions_per_scan": 25, "copies": 2, "seed": 3000}}]
-    out["stage1"]["steps"], out["stage2"]["steps"] = 2000, 1
-    out.update(validate_every=250, patience=100, time_budget_minutes=8 if rounds == 1 else 5.5)
+    out["stage1"]["steps"], out["stage2"]["steps"] = steps, 1
+    out.update(validate_every=every, patience=100, time_budget_minutes=minutes)
     if "channels" in changes:
         out["model"]["stage1"]["channels"] = changes["channels"]
     out.update({k: v for k, v in changes.items() if k not in ("lesions_per_scan", "channels")})
