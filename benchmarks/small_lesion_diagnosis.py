@@ -8,6 +8,10 @@ folder), with one model:
   (``Detector.blob_candidates`` with ``--blobs`` proposals per scan, outside stage 1's regions);
 * stage 2's probability at the lesion's true centre: what stage 2 would say if a candidate were there.
 
+and, for the blob-filter proposals as a whole, how well stage 2 tells those that hit a nodule from the others (the
+area under its ROC curve) and the CPM of stage 1's candidates alone and with the proposals added, scored by
+``detect.fuse_scores`` at several stage 2 weights (stage 1's candidates keep the model's weight).
+
 Writes a Markdown summary by size band and position to ``--out`` and prints it::
 
     .venv/bin/python benchmarks/small_lesion_diagnosis.py valdata2000 \
@@ -25,12 +29,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "NoduleDetection"))
 
 from NoduleDetectionLib.datasets import Dataset  # noqa: E402
-from NoduleDetectionLib.detect import Detector  # noqa: E402
-from NoduleDetectionLib.evaluate import match_radius_mm  # noqa: E402
+from NoduleDetectionLib.detect import Detector, fuse_scores  # noqa: E402
+from NoduleDetectionLib.evaluate import Candidate, evaluate, match_radius_mm  # noqa: E402
 from NoduleDetectionLib.io import read_ct  # noqa: E402
 from NoduleDetectionLib.preprocess import prepare  # noqa: E402
 
 BANDS = ((3.0, 6.0), (6.0, 10.0), (10.0, 30.0))
+#: Stage 2 weights tried for the blob proposals' scores.
+PROPOSAL_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 
 
 def _hit(found: list, centre: np.ndarray, radius: float) -> bool:
@@ -51,12 +57,13 @@ def _peak_within(prob: np.ndarray, geometry, centre: np.ndarray, radius_mm: floa
     return float(prob[tuple(voxels[near].T)].max()) if near.any() else 0.0
 
 
-def lesion_rows(dataset: Path, model: Path, blobs: int) -> list[dict]:
-    """One row per nodule: size, position, stage 1 peak, candidate hits, stage 2 at the true centre."""
+def lesion_rows(dataset: Path, model: Path, blobs: int) -> tuple[list[dict], list[dict]]:
+    """One row per nodule (size, position, stage 1 peak, candidate hits, stage 2 at the true centre) and one per
+    candidate (scan, LPS centre, whether a blob proposal, stage 1 score, stage 2 probability, nodule hit)."""
     detector = Detector.load(model, device="cpu")
     detector.config.stage1.blob_candidates = blobs
     ds = Dataset.open(dataset)
-    rows = []
+    rows, proposals = [], []
     for scan in ds.scans:
         nodules = [f for f in scan.annotations if f.status == "nodule"]
         if not nodules:
@@ -68,6 +75,13 @@ def lesion_rows(dataset: Path, model: Path, blobs: int) -> list[dict]:
         extra = detector.blob_candidates(prep, prob, regions, logit)
         centres = np.array([f.center_lps for f in nodules])
         at_centre = detector.classify(volume, centres)
+        everything = cands + extra
+        xyz = np.array([c.center_lps for c in everything]).reshape(-1, 3)
+        for n, (c, p2) in enumerate(zip(everything, detector.classify(volume, xyz))):
+            proposals.append({"scan": scan.seriesuid, "center_lps": tuple(map(float, c.center_lps)),
+                              "blob": n >= len(cands), "stage1": c.score, "stage2": float(p2),
+                              "hit": any(_hit([c], f_c, match_radius_mm(f.diameter_mm))
+                                         for f, f_c in zip(nodules, centres))})
         for f, centre, p2 in zip(nodules, centres, at_centre):
             peak = _peak_within(prob, prep.geometry, centre, max(f.diameter_mm / 2, 2.0))
             radius = match_radius_mm(f.diameter_mm)
@@ -76,7 +90,41 @@ def lesion_rows(dataset: Path, model: Path, blobs: int) -> list[dict]:
                          "stage1_hit": _hit(cands, centre, radius), "blob_hit": _hit(extra, centre, radius),
                          "stage2_at_centre": float(p2)})
         print(f"{scan.name}: {len(nodules)} nodules", file=sys.stderr)
-    return rows
+    return rows, proposals
+
+
+def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve of scores ``positive`` against ``negative`` (ties count half)."""
+    if not len(positive) or not len(negative):
+        return float("nan")
+    greater = (positive[:, None] > negative[None, :]).mean()
+    return float(greater + 0.5 * (positive[:, None] == negative[None, :]).mean())
+
+
+def proposal_summary(dataset: Path, proposals: list[dict], weight: float) -> str:
+    """Markdown lines: stage 2's AUC on the blob proposals, and the CPM with and without them (``weight``: the
+    model's stage 2 weight, used for stage 1's candidates)."""
+    ds = Dataset.open(dataset)
+    findings, scans = ds.findings(), ds.seriesuids
+    blob = np.array([p["blob"] for p in proposals], bool)
+    hit = np.array([p["hit"] for p in proposals], bool)
+    s1 = np.array([p["stage1"] for p in proposals])
+    s2 = np.array([p["stage2"] for p in proposals])
+
+    def cpm(score: np.ndarray, keep: np.ndarray) -> float:
+        cands = [Candidate(p["scan"], p["center_lps"], float(v)) for p, v, k in zip(proposals, score, keep) if k]
+        return evaluate(findings, cands, scans, n_bootstrap=0).cpm
+
+    own = fuse_scores(s1, s2, weight)
+    lines = [f"Blob proposals: {int(blob.sum())}, {int((blob & hit).sum())} of them on a nodule; stage 2's AUC "
+             f"between those and the others {_auc(s2[blob & hit], s2[blob & ~hit]):.3f} (stage 1's candidates: "
+             f"{_auc(s2[~blob & hit], s2[~blob & ~hit]):.3f}).", "",
+             "| candidates | stage 2 weight of the proposals | CPM |", "|---|---|---|",
+             f"| stage 1's | - | {cpm(own, ~blob):.3f} |"]
+    for w in PROPOSAL_WEIGHTS:
+        lines.append(f"| stage 1's and the proposals | {w:g} | "
+                     f"{cpm(np.where(blob, fuse_scores(s1, s2, w), own), np.ones_like(blob)):.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def summary(rows: list[dict], blobs: int) -> str:
@@ -106,8 +154,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         sys.exit(f"error: {args.out} exists")
+    rows, proposals = lesion_rows(args.dataset, args.model, args.blobs)
+    weight = Detector.load(args.model, device="cpu").config.stage2.weight
     text = (f"Lesions of `{args.dataset.name}`, model `{args.model.name}` (`small_lesion_diagnosis.py`)\n\n"
-            + summary(lesion_rows(args.dataset, args.model, args.blobs), args.blobs))
+            + summary(rows, args.blobs) + "\n" + proposal_summary(args.dataset, proposals, weight))
     args.out.write_text(text)
     print(text)
 

@@ -14,7 +14,13 @@ other lesions); the variants change one setting each, or several::
     nodule-detection evaluate-detector valdata2000 -o ev_A --model s1_A.safetensors             # here
 
 ``stage1-only`` sets the stage 2 weight to 0, so a finding's score is stage 1's alone (the variants differ
-in stage 1 only). The figures are in ``Resources/Models/MODEL_CARD.md`` ("Session 6").
+in stage 1 only). ``graft`` puts a variant's stage 1 in front of another model's stage 2 (round 3)::
+
+    python benchmarks/stage1_ablation.py graft runJ/model.safetensors \\
+        Resources/Models/nodule_detector.safetensors J.safetensors
+    nodule-detection calibrate valdata2000 -o cal_J --model J.safetensors
+
+The figures are in ``Resources/Models/MODEL_CARD.md`` ("Session 6", "Session 8").
 """
 
 from __future__ import annotations
@@ -116,6 +122,18 @@ def stage1_only(model: Path, out: Path) -> None:
     m.save(out)
 
 
+def graft(stage1_model: Path, stage2_model: Path, out: Path) -> None:
+    """Save ``stage1_model``'s U-net and stage 1 settings in front of ``stage2_model``'s stage 2 (settings and
+    default threshold of the latter; calibrate the result before use)."""
+    front, back = NoduleModel.load(stage1_model), NoduleModel.load(stage2_model)
+    if front.config.hu_window != back.config.hu_window:
+        raise SystemExit("the two models normalise HU differently")
+    back.stage1, back.config.stage1 = front.stage1, front.config.stage1
+    back.config.card = {"graft": {"stage1": str(stage1_model), "stage2": str(stage2_model)},
+                        "stage1_card": front.config.card, "stage2_card": back.config.card}
+    back.save(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,9 +143,15 @@ def main() -> None:
     s = sub.add_parser("stage1-only", help="a model's copy scored by stage 1 alone")
     s.add_argument("model", type=Path)
     s.add_argument("out", type=Path)
+    g = sub.add_parser("graft", help="one model's stage 1 in front of another's stage 2")
+    g.add_argument("stage1_model", type=Path)
+    g.add_argument("stage2_model", type=Path)
+    g.add_argument("out", type=Path)
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.shared, args.out)
+    elif args.command == "graft":
+        graft(args.stage1_model, args.stage2_model, args.out)
     else:
         stage1_only(args.model, args.out)
 
