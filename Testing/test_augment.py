@@ -11,9 +11,11 @@ from NoduleDetectionLib.augment import (
     Compose,
     RandomAffine,
     RandomFlip,
+    RandomGamma,
     RandomIntensity,
     RandomNoise,
     RandomRot90,
+    RandomSharpness,
     RandomSliceThickness,
     flip,
     rot90_axial,
@@ -127,3 +129,38 @@ def test_thin_slice_request_is_identity():
     out, _ = RandomSliceThickness(thickness=(0.6, 1.0), spacing=(0.7, 0.7, 1.25))(image, None,
                                                                                    np.random.default_rng(0))
     assert np.array_equal(out, image)
+
+
+def test_scanner_transforms_keep_order_label_and_mean():
+    """Gamma is monotone within [0, 1] and moves lung and soft tissue the same way; a sharper kernel raises a
+    lesion's edge contrast and a smoother one lowers it, both keeping the mean; neither touches the label."""
+    image, label = _sphere_patch()
+    norm = (image + 1000.0) / 1400.0  # the HU window -1000..400 in [0, 1]
+    for seed in range(6):
+        out, lab = RandomGamma((0.8, 1.25))(norm, label, np.random.default_rng(seed))
+        assert lab is label and out.min() >= 0.0 and out.max() <= 1.0
+        assert out[label > 0].min() > out[label == 0].max()  # lesion still brighter than lung
+        assert np.sign(out[label > 0].mean() - norm[label > 0].mean()) == np.sign(
+            out[label == 0].mean() - norm[label == 0].mean())
+    sharp, lab = RandomSharpness(amount=(1.0, 1.0))(norm, label, np.random.default_rng(0))
+    smooth, _ = RandomSharpness(amount=(-0.7, -0.7))(norm, label, np.random.default_rng(0))
+    assert lab is label
+    edge = ndimage.binary_dilation(label) & ~ndimage.binary_erosion(label)
+    contrast = [np.ptp(a[edge]) for a in (smooth, norm, sharp)]
+    assert contrast[0] < contrast[1] < contrast[2]
+    for a in (sharp, smooth):
+        assert abs(float(a.mean()) - float(norm.mean())) < 1e-3
+
+
+def test_scanner_augmentation_is_chosen_by_the_config():
+    from NoduleDetectionLib.train import stage1_augmentation
+    from NoduleDetectionLib.train_run import settings_from_config
+
+    def kinds(aug):
+        return [type(t) for t in aug.transforms]
+
+    assert RandomGamma not in kinds(stage1_augmentation(1.5)) and RandomSharpness not in kinds(stage1_augmentation(1.5))
+    assert {RandomGamma, RandomSharpness} <= set(kinds(stage1_augmentation(1.5, scanner=True)))
+    base = {"train": [], "stage1": {"steps": 1}, "stage2": {"steps": 1}}
+    assert settings_from_config(base).scanner_augmentation is False
+    assert settings_from_config(dict(base, scanner_augmentation=True)).scanner_augmentation is True

@@ -77,11 +77,13 @@ def lesion_rows(dataset: Path, model: Path, blobs: int) -> tuple[list[dict], lis
         at_centre = detector.classify(volume, centres)
         everything = cands + extra
         xyz = np.array([c.center_lps for c in everything]).reshape(-1, 3)
+        others = [f for f in scan.annotations if f.status != "nodule"]
         for n, (c, p2) in enumerate(zip(everything, detector.classify(volume, xyz))):
+            hit = any(_hit([c], f_c, match_radius_mm(f.diameter_mm)) for f, f_c in zip(nodules, centres))
             proposals.append({"scan": scan.seriesuid, "center_lps": tuple(map(float, c.center_lps)),
-                              "blob": n >= len(cands), "stage1": c.score, "stage2": float(p2),
-                              "hit": any(_hit([c], f_c, match_radius_mm(f.diameter_mm))
-                                         for f, f_c in zip(nodules, centres))})
+                              "blob": n >= len(cands), "stage1": c.score, "stage2": float(p2), "hit": hit,
+                              "ignored": not hit and any(_hit([c], np.array(f.center_lps),
+                                                              match_radius_mm(f.diameter_mm)) for f in others)})
         for f, centre, p2 in zip(nodules, centres, at_centre):
             peak = _peak_within(prob, prep.geometry, centre, max(f.diameter_mm / 2, 2.0))
             radius = match_radius_mm(f.diameter_mm)
@@ -101,13 +103,29 @@ def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(greater + 0.5 * (positive[:, None] == negative[None, :]).mean())
 
 
+def recurring_false_positives(proposals: list[dict], score: np.ndarray, top: int, reach_mm: float = 5.0) -> int:
+    """How many of the ``top`` highest-scoring false positives (by ``score``) lie within ``reach_mm`` of a false
+    positive in another copy of the same host (scans named ``HOST-insSEED-COPY`` by ``make-lesion-dataset``)."""
+    false = [n for n, p in enumerate(proposals) if not p["hit"] and not p["ignored"]]
+    false.sort(key=lambda n: -score[n])
+
+    def host(n: int) -> str:
+        return proposals[n]["scan"].rsplit("-ins", 1)[0]
+
+    return sum(any(host(m) == host(n) and proposals[m]["scan"] != proposals[n]["scan"]
+                   and np.linalg.norm(np.subtract(proposals[m]["center_lps"], proposals[n]["center_lps"])) < reach_mm
+                   for m in false) for n in false[:top])
+
+
 def proposal_summary(dataset: Path, proposals: list[dict], weight: float) -> str:
-    """Markdown lines: stage 2's AUC on the blob proposals, and the CPM with and without them (``weight``: the
-    model's stage 2 weight, used for stage 1's candidates)."""
+    """Markdown lines: stage 2's AUC on the blob proposals, the CPM with and without them (``weight``: the
+    model's stage 2 weight, used for stage 1's candidates), and whether stage 1's top false positives recur in
+    the other copies of their host."""
     ds = Dataset.open(dataset)
     findings, scans = ds.findings(), ds.seriesuids
     blob = np.array([p["blob"] for p in proposals], bool)
     hit = np.array([p["hit"] for p in proposals], bool)
+    counted = ~np.array([p["ignored"] for p in proposals], bool)
     s1 = np.array([p["stage1"] for p in proposals])
     s2 = np.array([p["stage2"] for p in proposals])
 
@@ -116,9 +134,14 @@ def proposal_summary(dataset: Path, proposals: list[dict], weight: float) -> str
         return evaluate(findings, cands, scans, n_bootstrap=0).cpm
 
     own = fuse_scores(s1, s2, weight)
+    stage1_only = [p for p, b in zip(proposals, blob) if not b]
+    recurring = ", ".join(f"{recurring_false_positives(stage1_only, own[~blob], k)} of the top {k}"
+                          for k in (8, 16, 32))
     lines = [f"Blob proposals: {int(blob.sum())}, {int((blob & hit).sum())} of them on a nodule; stage 2's AUC "
-             f"between those and the others {_auc(s2[blob & hit], s2[blob & ~hit]):.3f} (stage 1's candidates: "
-             f"{_auc(s2[~blob & hit], s2[~blob & ~hit]):.3f}).", "",
+             f"between those and the others {_auc(s2[blob & hit], s2[blob & ~hit & counted]):.3f} (stage 1's "
+             f"candidates: {_auc(s2[~blob & hit], s2[~blob & ~hit & counted]):.3f}).", "",
+             f"Stage 1's false positives, by the model's score, that recur within 5 mm in another copy of the same "
+             f"host: {recurring}.", "",
              "| candidates | stage 2 weight of the proposals | CPM |", "|---|---|---|",
              f"| stage 1's | - | {cpm(own, ~blob):.3f} |"]
     for w in PROPOSAL_WEIGHTS:

@@ -43,10 +43,12 @@ HOST = "LIDC-IDRI-0002"
 HALF = f"{HOST}-half"
 
 #: The variants: round and the changes each makes to the baseline ``A``; round 3 trains longer (3000 steps),
-#: E and F again and the same with the shipped stage 1's recipe (I) and with a wider U-net (L).
+#: E and F again and the same with the shipped stage 1's recipe (I) and with a wider U-net (L); round 4 adds the
+#: augmentation that simulates other scanners to B (M, and P with another seed) and to E (O), beside B itself (N).
 SMALL_TARGETS = {"min_target_mm": 6.0}
 NO_THICK_SLICES = {"thick_slices": False}
 MORE_LESIONS = {"positive_fraction": 0.8, "lesions_per_scan": 80}
+SCANNERS = {"scanner_augmentation": True}
 VARIANTS: dict[str, tuple[int, dict]] = {
     "A": (1, {}),
     "B": (1, SMALL_TARGETS),
@@ -60,9 +62,13 @@ VARIANTS: dict[str, tuple[int, dict]] = {
     "J": (3, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS}),
     "K": (3, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, "channels": [16, 32, 64, 128]}),
     "L": (3, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, "channels": [32, 64, 128, 256]}),
+    "M": (4, {**SMALL_TARGETS, **SCANNERS}),
+    "N": (4, SMALL_TARGETS),
+    "O": (4, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, **SCANNERS}),
+    "P": (4, {**SMALL_TARGETS, **SCANNERS, "seed": 1}),
 }
 #: Per round: training copies, stage 1 steps, validation interval and time budget (minutes; stage 1 may use 65%).
-ROUNDS = {1: (6, 2000, 250, 8.0), 2: (4, 2000, 250, 5.5), 3: (4, 3000, 500, 9.0)}
+ROUNDS = {1: (6, 2000, 250, 8.0), 2: (4, 2000, 250, 5.5), 3: (4, 3000, 500, 9.0), 4: (4, 1800, 600, 5.0)}
 
 
 def half_host(shared: Path) -> CTVolume:

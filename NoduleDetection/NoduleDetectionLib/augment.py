@@ -162,6 +162,48 @@ class RandomNoise:
         return image.astype(np.float32) + np.float32(sigma) * noise, label
 
 
+class RandomGamma:
+    """Raise a normalised image (``[0, 1]``: the HU window) to a power drawn log-uniformly from ``gamma``: other
+    scanners' and breath-holds' lung and soft-tissue levels. Values outside ``[0, 1]`` are clipped first.
+
+    Example:
+        >>> import numpy as np
+        >>> from NoduleDetectionLib.augment import RandomGamma
+        >>> out, _ = RandomGamma((2.0, 2.0))(np.full((2, 2, 2), 0.5), None, np.random.default_rng(0))
+        >>> float(out.max())
+        0.25
+    """
+
+    def __init__(self, gamma: tuple[float, float] = (0.8, 1.25)):
+        self.log_gamma = (float(np.log(gamma[0])), float(np.log(gamma[1])))
+
+    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator) -> Pair:
+        g = np.float32(np.exp(rng.uniform(*self.log_gamma)))
+        return np.clip(image.astype(np.float32), 0.0, 1.0) ** g, label
+
+
+class RandomSharpness:
+    """Another reconstruction kernel: ``image + a · (image − gaussian(image, σ))`` with σ (voxels) drawn from
+    ``sigma`` and ``a`` from ``amount`` (``a`` < 0 smooths, ``a`` = -1 is the blur itself; ``a`` > 0 sharpens).
+
+    Example:
+        >>> import numpy as np
+        >>> from NoduleDetectionLib.augment import RandomSharpness
+        >>> image = np.zeros((9, 9, 9), np.float32); image[4, 4, 4] = 1
+        >>> out, _ = RandomSharpness(sigma=(1, 1), amount=(-1, -1))(image, None, np.random.default_rng(0))
+        >>> bool(0 < out[4, 4, 4] < 1)
+        True
+    """
+
+    def __init__(self, sigma: tuple[float, float] = (0.5, 1.0), amount: tuple[float, float] = (-0.7, 1.0)):
+        self.sigma, self.amount = sigma, amount
+
+    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator) -> Pair:
+        sigma, a = rng.uniform(*self.sigma), np.float32(rng.uniform(*self.amount))
+        image = image.astype(np.float32)
+        return image + a * (image - ndimage.gaussian_filter(image, sigma, mode="nearest")), label
+
+
 def _box_kernel(width: float) -> np.ndarray:
     """Normalised 1D box of ``width`` samples (fractional ends), centred on the middle sample."""
     half = width / 2.0

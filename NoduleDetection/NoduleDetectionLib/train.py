@@ -42,7 +42,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import Compose, RandomAffine, RandomFlip, RandomIntensity, RandomNoise, RandomRot90, RandomSliceThickness
+from .augment import (
+    Compose,
+    RandomAffine,
+    RandomFlip,
+    RandomGamma,
+    RandomIntensity,
+    RandomNoise,
+    RandomRot90,
+    RandomSharpness,
+    RandomSliceThickness,
+)
 from .calibrate import ValidationScores, choose_operating_point, scan_scores
 from .datasets import Finding
 from .detect import Detector
@@ -113,6 +123,7 @@ class TrainSettings:
         min_target_mm: stage 1 targets of lesions smaller than this (mm) are balls of this diameter around
             their centre, added to their own voxels (0: every lesion's target is its own voxels).
         thick_slices: stage 1 augmentation simulates thicker slices (``RandomSliceThickness``).
+        scanner_augmentation: stage 1 augmentation also simulates other scanners (``stage1_augmentation``).
     """
 
     stage1: StageSchedule = field(default_factory=StageSchedule)
@@ -130,6 +141,7 @@ class TrainSettings:
     stage2_rotate: bool = False
     min_target_mm: float = 0.0
     thick_slices: bool = True
+    scanner_augmentation: bool = False
 
 
 @dataclass
@@ -214,13 +226,19 @@ def _crop(arrays: Sequence[np.ndarray], centre: np.ndarray, size: int) -> list[n
     return out
 
 
-def stage1_augmentation(spacing_mm: float, thick_slices: bool = True) -> Compose:
+def stage1_augmentation(spacing_mm: float, thick_slices: bool = True, scanner: bool = False) -> Compose:
     """Augmentation of normalised working-grid patches (intensity offsets in normalised units); ``thick_slices``:
-    also simulate slices of 0.6-5 mm."""
+    also simulate slices of 0.6-5 mm; ``scanner``: also other scanners (gamma 0.8-1.25, a smoother or sharper
+    kernel, HU scaled by 0.9-1.1 and shifted by up to about 55 HU, noise up to about 40 HU) instead of the mild
+    intensity and noise jitter."""
+    if scanner:
+        intensity = [RandomGamma((0.8, 1.25)), RandomSharpness(),
+                     RandomIntensity(scale=(0.9, 1.1), offset=(-0.04, 0.04)), RandomNoise(std=(0.0, 0.03))]
+    else:
+        intensity = [RandomIntensity(scale=(0.95, 1.05), offset=(-0.015, 0.015)), RandomNoise(std=(0.0, 0.012))]
     return Compose([
         RandomFlip(), RandomRot90(), RandomAffine(degrees=10.0, scales=(0.85, 1.15)),
-        *([RandomSliceThickness((0.6, 5.0), spacing=(spacing_mm,) * 3)] if thick_slices else []),
-        RandomIntensity(scale=(0.95, 1.05), offset=(-0.015, 0.015)), RandomNoise(std=(0.0, 0.012)),
+        *([RandomSliceThickness((0.6, 5.0), spacing=(spacing_mm,) * 3)] if thick_slices else []), *intensity,
     ])
 
 
@@ -440,7 +458,8 @@ class Trainer:
         """Optimise the U-net (patches of the working grid, BCE + soft Dice, ignore regions masked)."""
         s = self.settings
         size = -(-s.patch1 // self.model.stage1.divisor) * self.model.stage1.divisor
-        aug = stage1_augmentation(self.model.config.stage1.spacing_mm, s.thick_slices) if s.augment else None
+        aug = (stage1_augmentation(self.model.config.stage1.spacing_mm, s.thick_slices, s.scanner_augmentation)
+               if s.augment else None)
         # Lesion patches are centred near a lesion voxel, or near a lesion drawn uniformly when balancing lesions.
         lesion_centres = [c.centres if s.balance_lesions and len(c.centres) else np.argwhere(c.target > 0)
                           for c in self.train_cases]

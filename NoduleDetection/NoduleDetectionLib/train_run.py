@@ -17,7 +17,8 @@
       "tissue_negatives": 150,             # stage 2: negatives per case from the host's dense tissue
       "stage2_rotate": false,              # stage 2: augment with small rotations and scaling too
       "min_target_mm": 0,                  # stage 1: smaller lesions' targets are balls of this diameter
-      "thick_slices": true                 # stage 1: augmentation simulates thicker slices
+      "thick_slices": true,                # stage 1: augmentation simulates thicker slices
+      "scanner_augmentation": false        # stage 1: augmentation simulates other scanners (gamma, kernel)
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "insert": null | {"lesions_per_scan": 20,
@@ -125,6 +126,7 @@ def settings_from_config(config: dict) -> TrainSettings:
         stage2_rotate=bool(config.get("stage2_rotate", d.stage2_rotate)),
         min_target_mm=float(config.get("min_target_mm", d.min_target_mm)),
         thick_slices=bool(config.get("thick_slices", d.thick_slices)),
+        scanner_augmentation=bool(config.get("scanner_augmentation", d.scanner_augmentation)),
     )
 
 
