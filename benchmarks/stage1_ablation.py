@@ -3,7 +3,8 @@
 The GPU machine takes a repository copy of at most 64 MiB and no ``../shared``, and SimpleITK travels as an
 archive (about 28 MB), so the training host LIDC-IDRI-0002 travels at half its in-plane resolution (2×2 block
 mean: 1.36 × 1.36 × 1.25 mm, its lung slices only, 17 MB). Each config is the balanced recipe
-(``Resources/Training/balanced_lesions.json``) for stage 1 only (2000 steps, one stage 2 step), with lesions
+(``Resources/Training/balanced_lesions.json``) for stage 1 only (2000 steps in rounds 1-2, 3000 in round 3, 1800
+in round 4: ``ROUNDS``; one stage 2 step), with lesions
 inserted into that host for training (seed 1) and validation (seed 3000, two copies of 25: the same host,
 other lesions); the variants change one setting each, or several::
 
