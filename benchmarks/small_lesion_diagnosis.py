@@ -12,10 +12,11 @@ and, for the blob-filter proposals as a whole, how well stage 2 tells those that
 area under its ROC curve) and the CPM of stage 1's candidates alone and with the proposals added, scored by
 ``detect.fuse_scores`` at several stage 2 weights (stage 1's candidates keep the model's weight).
 
-Writes a Markdown summary by size band and position to ``--out`` and prints it::
+Writes a Markdown summary by size band and position to ``--out`` and prints it; ``--picture`` also saves views
+of stage 1's highest-scoring false positives::
 
     .venv/bin/python benchmarks/small_lesion_diagnosis.py valdata2000 \
-        --model Resources/Models/nodule_detector.safetensors --blobs 100 --out diagnosis.md
+        --model Resources/Models/nodule_detector.safetensors --blobs 100 --out diagnosis.md --picture fps.png
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def lesion_rows(dataset: Path, model: Path, blobs: int) -> tuple[list[dict], lis
         at_centre = detector.classify(volume, centres)
         everything = cands + extra
         xyz = np.array([c.center_lps for c in everything]).reshape(-1, 3)
-        others = [f for f in scan.annotations if f.status != "nodule"]
+        others = [*scan.excluded, *scan.masses]  # a candidate on one is neither a hit nor a false positive
         for n, (c, p2) in enumerate(zip(everything, detector.classify(volume, xyz))):
             hit = any(_hit([c], f_c, match_radius_mm(f.diameter_mm)) for f, f_c in zip(nodules, centres))
             proposals.append({"scan": scan.seriesuid, "center_lps": tuple(map(float, c.center_lps)),
@@ -115,6 +116,50 @@ def recurring_false_positives(proposals: list[dict], score: np.ndarray, top: int
     return sum(any(host(m) == host(n) and proposals[m]["scan"] != proposals[n]["scan"]
                    and np.linalg.norm(np.subtract(proposals[m]["center_lps"], proposals[n]["center_lps"])) < reach_mm
                    for m in false) for n in false[:top])
+
+
+def false_positive_picture(dataset: Path, proposals: list[dict], score: np.ndarray, out: Path, count: int = 8,
+                           field_mm: float = 60.0) -> None:
+    """Save axial and coronal views (``field_mm`` wide, HU -1000..400, the candidate's centre marked) of the
+    ``count`` highest-scoring false positives, one per place of a host (a copy's repeat of a place is skipped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scans = {s.seriesuid: s for s in Dataset.open(dataset).scans}
+    order = [n for n in np.argsort(-score, kind="stable") if not proposals[n]["hit"] and not proposals[n]["ignored"]]
+    chosen: list[int] = []
+    for n in order:
+        host, xyz = proposals[n]["scan"].rsplit("-ins", 1)[0], np.array(proposals[n]["center_lps"])
+        if not any(proposals[m]["scan"].rsplit("-ins", 1)[0] == host
+                   and np.linalg.norm(np.subtract(proposals[m]["center_lps"], xyz)) < 5.0 for m in chosen):
+            chosen.append(n)
+        if len(chosen) == count:
+            break
+    fig, axes = plt.subplots(2, count, figsize=(2.2 * count, 4.6), squeeze=False)
+    for col, n in enumerate(chosen):
+        p = proposals[n]
+        volume = read_ct(scans[p["scan"]].path)
+        sx, sy, sz = volume.geometry.spacing
+        i, j, k = np.round(volume.geometry.lps_to_index(np.array(p["center_lps"]))).astype(int)
+        hx, hy, hz = (int(round(field_mm / 2 / s)) for s in (sx, sy, sz))
+        j0, i0, k0 = max(j - hy, 0), max(i - hx, 0), max(k - hz, 0)
+        views = ((volume.array[k, j0:j + hy, i0:i + hx], (i - i0, j - j0), sy / sx),
+                 (volume.array[k0:k + hz, j, i0:i + hx], (i - i0, k - k0), sz / sx))
+        for row, (image, (u, v), aspect) in enumerate(views):
+            ax = axes[row, col]
+            head_up = row == 1 and np.asarray(volume.geometry.direction)[2, 2] > 0  # k runs towards the head
+            ax.imshow(image, cmap="gray", vmin=-1000, vmax=400, aspect=aspect, origin="lower" if head_up else "upper")
+            ax.plot(u, v, "+", color="red", ms=12)
+            ax.axis("off")
+        axes[0, col].set_title(f"{p['scan'].rsplit('-ins', 1)[0]}\nscore {score[n]:.2f}", fontsize=8)
+    for ax in axes[:, len(chosen):].flat:
+        ax.axis("off")
+    fig.suptitle("Highest-scoring false positives (top: axial; bottom: coronal, head up)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
 
 
 def proposal_summary(dataset: Path, proposals: list[dict], weight: float) -> str:
@@ -174,11 +219,18 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--blobs", type=int, default=100, help="blob-filter proposals per scan (default 100)")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write (not overwritten)")
+    parser.add_argument("--picture", type=Path, help="also save the top false positives of stage 1 here (PNG)")
     args = parser.parse_args()
-    if args.out.exists():
-        sys.exit(f"error: {args.out} exists")
+    for path in (args.out, args.picture):
+        if path is not None and path.exists():
+            sys.exit(f"error: {path} exists")
     rows, proposals = lesion_rows(args.dataset, args.model, args.blobs)
     weight = Detector.load(args.model, device="cpu").config.stage2.weight
+    if args.picture is not None:
+        stage1 = [p for p in proposals if not p["blob"]]
+        false_positive_picture(args.dataset, stage1, fuse_scores(np.array([p["stage1"] for p in stage1]),
+                                                                 np.array([p["stage2"] for p in stage1]), weight),
+                               args.picture)
     text = (f"Lesions of `{args.dataset.name}`, model `{args.model.name}` (`small_lesion_diagnosis.py`)\n\n"
             + summary(rows, args.blobs) + "\n" + proposal_summary(args.dataset, proposals, weight))
     args.out.write_text(text)
