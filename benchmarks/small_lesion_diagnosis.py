@@ -104,17 +104,24 @@ def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(greater + 0.5 * (positive[:, None] == negative[None, :]).mean())
 
 
+def _false_positives(proposals: list[dict], score: np.ndarray) -> list[int]:
+    """Indices of the candidates that are false positives (no nodule, no excluded finding or mass), best first."""
+    return [int(n) for n in np.argsort(-score, kind="stable")
+            if not proposals[n]["hit"] and not proposals[n]["ignored"]]
+
+
+def _same_place(p: dict, q: dict, reach_mm: float) -> bool:
+    """Whether candidates ``p`` and ``q`` lie within ``reach_mm`` of each other in the same host scan (copies of
+    a host are named ``HOST-insSEED-COPY`` by ``make-lesion-dataset``)."""
+    return (p["scan"].rsplit("-ins", 1)[0] == q["scan"].rsplit("-ins", 1)[0]
+            and float(np.linalg.norm(np.subtract(p["center_lps"], q["center_lps"]))) < reach_mm)
+
+
 def recurring_false_positives(proposals: list[dict], score: np.ndarray, top: int, reach_mm: float = 5.0) -> int:
     """How many of the ``top`` highest-scoring false positives (by ``score``) lie within ``reach_mm`` of a false
-    positive in another copy of the same host (scans named ``HOST-insSEED-COPY`` by ``make-lesion-dataset``)."""
-    false = [n for n, p in enumerate(proposals) if not p["hit"] and not p["ignored"]]
-    false.sort(key=lambda n: -score[n])
-
-    def host(n: int) -> str:
-        return proposals[n]["scan"].rsplit("-ins", 1)[0]
-
-    return sum(any(host(m) == host(n) and proposals[m]["scan"] != proposals[n]["scan"]
-                   and np.linalg.norm(np.subtract(proposals[m]["center_lps"], proposals[n]["center_lps"])) < reach_mm
+    positive in another copy of the same host."""
+    false = _false_positives(proposals, score)
+    return sum(any(proposals[m]["scan"] != proposals[n]["scan"] and _same_place(proposals[m], proposals[n], reach_mm)
                    for m in false) for n in false[:top])
 
 
@@ -128,12 +135,9 @@ def false_positive_picture(dataset: Path, proposals: list[dict], score: np.ndarr
     import matplotlib.pyplot as plt
 
     scans = {s.seriesuid: s for s in Dataset.open(dataset).scans}
-    order = [n for n in np.argsort(-score, kind="stable") if not proposals[n]["hit"] and not proposals[n]["ignored"]]
     chosen: list[int] = []
-    for n in order:
-        host, xyz = proposals[n]["scan"].rsplit("-ins", 1)[0], np.array(proposals[n]["center_lps"])
-        if not any(proposals[m]["scan"].rsplit("-ins", 1)[0] == host
-                   and np.linalg.norm(np.subtract(proposals[m]["center_lps"], xyz)) < 5.0 for m in chosen):
+    for n in _false_positives(proposals, score):
+        if not any(_same_place(proposals[m], proposals[n], 5.0) for m in chosen):
             chosen.append(n)
         if len(chosen) == count:
             break
