@@ -58,15 +58,13 @@ def _peak_within(prob: np.ndarray, geometry, centre: np.ndarray, radius_mm: floa
     return float(prob[tuple(voxels[near].T)].max()) if near.any() else 0.0
 
 
-def lesion_rows(dataset: Path, model: Path, blobs: int) -> tuple[list[dict], list[dict]]:
+def lesion_rows(ds: Dataset, detector: Detector, blobs: int) -> tuple[list[dict], list[dict]]:
     """One row per nodule (size, position, stage 1 peak, candidate hits, stage 2 at the true centre) and one per
     candidate (scan, LPS centre, whether a blob proposal, stage 1 score, stage 2 probability, nodule hit)."""
-    detector = Detector.load(model, device="cpu")
     detector.config.stage1.blob_candidates = blobs
-    ds = Dataset.open(dataset)
     rows, proposals = [], []
     for scan in ds.scans:
-        nodules = [f for f in scan.annotations if f.status == "nodule"]
+        nodules = scan.annotations  # target nodules only
         if not nodules:
             continue
         volume = read_ct(scan.path)
@@ -125,7 +123,7 @@ def recurring_false_positives(proposals: list[dict], score: np.ndarray, top: int
                    for m in false) for n in false[:top])
 
 
-def false_positive_picture(dataset: Path, proposals: list[dict], score: np.ndarray, out: Path, count: int = 8,
+def false_positive_picture(ds: Dataset, proposals: list[dict], score: np.ndarray, out: Path, count: int = 8,
                            field_mm: float = 60.0) -> None:
     """Save axial and coronal views (``field_mm`` wide, HU -1000..400, the candidate's centre marked) of the
     ``count`` highest-scoring false positives, one per place of a host (a copy's repeat of a place is skipped)."""
@@ -134,7 +132,7 @@ def false_positive_picture(dataset: Path, proposals: list[dict], score: np.ndarr
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scans = {s.seriesuid: s for s in Dataset.open(dataset).scans}
+    scans = {s.seriesuid: s for s in ds.scans}
     chosen: list[int] = []
     for n in _false_positives(proposals, score):
         if not any(_same_place(proposals[m], proposals[n], 5.0) for m in chosen):
@@ -166,11 +164,10 @@ def false_positive_picture(dataset: Path, proposals: list[dict], score: np.ndarr
     plt.close(fig)
 
 
-def proposal_summary(dataset: Path, proposals: list[dict], weight: float) -> str:
+def proposal_summary(ds: Dataset, proposals: list[dict], weight: float) -> str:
     """Markdown lines: stage 2's AUC on the blob proposals, the CPM with and without them (``weight``: the
     model's stage 2 weight, used for stage 1's candidates), and whether stage 1's top false positives recur in
     the other copies of their host."""
-    ds = Dataset.open(dataset)
     findings, scans = ds.findings(), ds.seriesuids
     blob = np.array([p["blob"] for p in proposals], bool)
     hit = np.array([p["hit"] for p in proposals], bool)
@@ -228,15 +225,15 @@ def main() -> None:
     for path in (args.out, args.picture):
         if path is not None and path.exists():
             sys.exit(f"error: {path} exists")
-    rows, proposals = lesion_rows(args.dataset, args.model, args.blobs)
-    weight = Detector.load(args.model, device="cpu").config.stage2.weight
+    ds, detector = Dataset.open(args.dataset), Detector.load(args.model, device="cpu")
+    rows, proposals = lesion_rows(ds, detector, args.blobs)
+    weight = detector.config.stage2.weight
     if args.picture is not None:
         stage1 = [p for p in proposals if not p["blob"]]
-        false_positive_picture(args.dataset, stage1, fuse_scores(np.array([p["stage1"] for p in stage1]),
-                                                                 np.array([p["stage2"] for p in stage1]), weight),
-                               args.picture)
+        score = fuse_scores(np.array([p["stage1"] for p in stage1]), np.array([p["stage2"] for p in stage1]), weight)
+        false_positive_picture(ds, stage1, score, args.picture)
     text = (f"Lesions of `{args.dataset.name}`, model `{args.model.name}` (`small_lesion_diagnosis.py`)\n\n"
-            + summary(rows, args.blobs) + "\n" + proposal_summary(args.dataset, proposals, weight))
+            + summary(rows, args.blobs) + "\n" + proposal_summary(ds, proposals, weight))
     args.out.write_text(text)
     print(text)
 
