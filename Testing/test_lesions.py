@@ -12,6 +12,7 @@ from NoduleDetectionLib.lesions import (
     GalleryItem,
     LesionSpec,
     estimate_noise_std,
+    insert_distractors,
     insert_lesions,
     sample_lesion_specs,
     save_example_grid,
@@ -213,6 +214,33 @@ def test_background_untouched_outside_footprints(phantom, inserted):
     far = ~ndimage.binary_dilation(labels > 0, iterations=12)
     # spikes and soft edges reach beyond the label, but never far from it
     assert np.array_equal(new.array[far], volume.array[far])
+
+
+def test_distractors_are_dense_tubes_away_from_keep_out(phantom, avoid):
+    volume, lungs = phantom
+    new = insert_distractors(volume, lungs, 12, np.random.default_rng(5), keep_out=avoid, noise_std=NOISE_HU)
+    assert new.array.dtype == volume.array.dtype and new.geometry == volume.geometry
+    changed = np.abs(new.array.astype(int) - volume.array) > 0
+    dense = (new.array.astype(int) - volume.array > 200) & lungs
+    assert dense.sum() > 200  # tubes of soft-tissue density cross the -850 HU lung
+    centre = volume.geometry.lps_to_index(np.asarray(avoid[0][0]))[::-1] * np.array(SPACING[::-1])
+    k, j, i = np.nonzero(changed)
+    dist = np.linalg.norm(np.stack([k, j, i], axis=1) * np.array(SPACING[::-1]) - centre, axis=1)
+    assert dist.min() >= avoid[0][1]  # nothing painted inside the keep-out ball
+    # each dense component is elongated (a tube, not a blob)
+    comps, n = ndimage.label(dense)
+    sizes = ndimage.sum(dense, comps, range(1, n + 1))
+    pts = np.argwhere(comps == 1 + int(np.argmax(sizes))) * np.array(SPACING[::-1])
+    eig = np.sort(np.linalg.eigvalsh(np.cov(pts.T)))
+    assert eig[-1] > 6 * eig[0]
+
+
+def test_distractors_deterministic_and_off_by_default(phantom):
+    volume, lungs = phantom
+    a = insert_distractors(volume, lungs, 3, np.random.default_rng(1))
+    b = insert_distractors(volume, lungs, 3, np.random.default_rng(1))
+    assert np.array_equal(a.array, b.array)
+    assert np.array_equal(insert_distractors(volume, lungs, 0, np.random.default_rng(1)).array, volume.array)
 
 
 def test_sample_lesion_specs_luna16_like():

@@ -76,6 +76,10 @@ LESION_GAP_MM = 2.0
 AVOID_MARGIN_MM = 3.0
 #: Voxels outside the pleural lung are labelled only where the lesion added this many HU.
 LABEL_MIN_ADDED_HU = 50.0
+#: Vessel-like distractors (``insert_distractors``): root radius (mm), length of the main branch (mm), density (HU).
+DISTRACTOR_RADIUS_MM = (0.6, 2.5)
+DISTRACTOR_LENGTH_MM = (8.0, 30.0)
+DISTRACTOR_HU = (-50.0, 60.0)
 
 
 def avoid_radius_mm(diameter_mm: float) -> float:
@@ -317,6 +321,61 @@ class _Lesion:
         return alpha, hu
 
 
+@dataclass
+class _Vessel:
+    """A short tapering tube bent at a few points, with at most one side branch: segments ``starts -> ends``
+    (local mm, axes k, j, i, centred on the mean of the main branch's points) and radii ``r0 -> r1`` along each."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    r0: np.ndarray
+    r1: np.ndarray
+    hu: float
+    edge_mm: float = 0.3
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, pieces: int = 4) -> _Vessel:
+        length = rng.uniform(*DISTRACTOR_LENGTH_MM)
+        radii = rng.uniform(*DISTRACTOR_RADIUS_MM) * np.linspace(1.0, rng.uniform(0.5, 0.9), pieces + 1)
+        direction, points, directions = _unit(rng, 1)[0], [np.zeros(3)], []
+        for _ in range(pieces):
+            direction = direction + rng.normal(0.0, 0.25, 3)
+            direction /= np.linalg.norm(direction)
+            directions.append(direction)
+            points.append(points[-1] + direction * length / pieces)
+        pts = np.array(points) - np.mean(points, axis=0)
+        starts, ends, r0, r1 = list(pts[:-1]), list(pts[1:]), list(radii[:-1]), list(radii[1:])
+        if rng.random() < 0.6:  # a bifurcation, where real vessels give most false positives
+            at = int(rng.integers(1, pieces))
+            side = np.cross(directions[at], _unit(rng, 1)[0])
+            angle = np.deg2rad(rng.uniform(25.0, 60.0))
+            branch = np.cos(angle) * directions[at] + np.sin(angle) * side / np.linalg.norm(side)
+            radius = radii[at] * rng.uniform(0.5, 0.85)
+            starts.append(pts[at])
+            ends.append(pts[at] + branch * rng.uniform(0.3, 0.7) * length)
+            r0.append(radius)
+            r1.append(0.7 * radius)
+        return cls(np.array(starts), np.array(ends), np.array(r0), np.array(r1), float(rng.uniform(*DISTRACTOR_HU)))
+
+    @property
+    def extent_mm(self) -> float:
+        """Radius (mm) of a ball around the local origin that holds the whole tube."""
+        reach = np.linalg.norm(np.concatenate([self.starts, self.ends]), axis=1).max()
+        return float(reach + self.r0.max() + self.edge_mm)
+
+    def render(self, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Occupancy and HU at local mm coordinates (k, j, i axes, broadcastable)."""
+        pts = np.stack(np.broadcast_arrays(z, y, x), axis=-1).astype(np.float32)
+        sd = np.full(pts.shape[:-1], np.inf, np.float32)
+        for a, b, ra, rb in zip(self.starts.astype(np.float32), self.ends.astype(np.float32), self.r0, self.r1):
+            v = b - a
+            t = np.clip(((pts - a) @ v) / np.float32(v @ v), 0.0, 1.0)
+            dist = np.linalg.norm(pts - a - t[..., None] * v, axis=-1)
+            sd = np.minimum(sd, dist - np.float32(ra) - np.float32(rb - ra) * t)
+        alpha = np.clip(0.5 - sd / np.float32(self.edge_mm), 0.0, 1.0)
+        return alpha, np.full(alpha.shape, self.hu, np.float32)
+
+
 # --------------------------------------------------------------------------------------------- host analysis
 
 
@@ -385,6 +444,7 @@ class _Host:
         self.lung = lung_mask.astype(bool, copy=False)
         self.spacing = np.asarray(volume.geometry.spacing[::-1], dtype=float)
         self.geometry = volume.geometry
+        self.metadata = volume.metadata
         air = self.lung & (self.array < PARENCHYMA_MAX_HU)
         self.seeds = np.flatnonzero(air)
         if len(self.seeds) == 0:
@@ -454,6 +514,47 @@ class _Host:
         return None
 
 
+class _Scanner:
+    """How the host scanner images an inserted object: slice integration, blur and noise (see the module docs)."""
+
+    def __init__(self, host: _Host, slice_thickness_mm: Optional[float], psf_sigma_mm: tuple[float, float],
+                 noise_corr_mm: float) -> None:
+        self.host = host
+        sp = host.spacing
+        self.thickness = float(slice_thickness_mm or host.metadata.get("slice_thickness_mm") or sp[0])
+        self.psf_sigma_mm = psf_sigma_mm
+        self.psf = np.array([psf_sigma_mm[1], psf_sigma_mm[0], psf_sigma_mm[0]]) / sp
+        self.noise_sigma = (0.0, noise_corr_mm / sp[1], noise_corr_mm / sp[2])
+
+    def paint(self, out: np.ndarray, center: np.ndarray, extent_mm: float, fine_mm: float, render, noise_seed: int):
+        """Blend the object ``render(z, y, x) -> (occupancy, HU)`` (local mm, k j i) centred at continuous index
+        ``center`` into ``out`` (in place); return ``(box, lo, host_before, occupancy, added_HU)`` of its box."""
+        sp, thickness, psf_mm = self.host.spacing, self.thickness, self.psf_sigma_mm
+        half = extent_mm + 3.0 * psf_mm[0] + np.array([thickness / 2 + 3 * psf_mm[1], 0.0, 0.0])
+        lo, hi = _box(center, half, sp, out.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        thick = thickness > sp[0] * 1.05
+        n = np.array([_odd(s / fine_mm) if i == 0 and thick else int(np.ceil(s / fine_mm)) for i, s in enumerate(sp)])
+        sizes = n.copy()
+        sizes[0] = _odd(thickness / (sp[0] / n[0])) if thick else n[0]
+        axes = [((lo[a] + (np.arange((hi[a] - lo[a]) * n[a]) + 0.5) / n[a] - 0.5) - center[a]) * sp[a]
+                for a in range(3)]
+        zz, yy, xx = np.meshgrid(*[ax.astype(np.float32) for ax in axes], indexing="ij", sparse=True)
+        alpha, hu = render(zz, yy, xx)
+        occ = _integrate(alpha, n, sizes)
+        mean_hu = _integrate(alpha * hu, n, sizes) / np.maximum(occ, 1e-6)
+        h = out[box].copy()
+        denser = mean_hu > h
+        added = np.where(denser, occ * (mean_hu - h), 0.0)
+        weight_b = np.clip(ndimage.gaussian_filter(np.where(denser, occ, 0.0), self.psf), 0.0, 1.0)
+        object_b = ndimage.gaussian_filter(np.where(denser, occ * mean_hu, 0.0), self.psf)
+        noise = ndimage.gaussian_filter(np.random.default_rng(noise_seed).standard_normal(h.shape), self.noise_sigma)
+        noise /= max(float(noise.std()), 1e-6)
+        noise_amp = self.host.noise_std * np.sqrt(np.clip(1.0 - (1.0 - weight_b) ** 2, 0.0, 1.0))
+        out[box] = (1.0 - weight_b) * h + object_b + noise_amp * noise
+        return box, lo, h, occ, added
+
+
 def _integrate(fine: np.ndarray, n: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Box-integrate a fine grid onto the host grid (``n`` fine samples per host voxel along each axis;
     ``sizes`` = box length in fine samples: ``n`` for the voxel itself, more for a thicker slice)."""
@@ -506,12 +607,11 @@ def insert_lesions(
     """
     host = _Host(volume, lung_mask, avoid, noise_std)
     sp = host.spacing
-    thickness = float(slice_thickness_mm or volume.metadata.get("slice_thickness_mm") or sp[0])
+    scanner = _Scanner(host, slice_thickness_mm, psf_sigma_mm, noise_corr_mm)
     out = volume.array.astype(np.float32)
     labels = np.zeros(volume.array.shape, np.uint16)
     placed: list[_Placed] = []
     inserted: list[InsertedLesion] = []
-    psf = np.array([psf_sigma_mm[1], psf_sigma_mm[0], psf_sigma_mm[0]]) / sp
     for spec in specs:
         lesion = _Lesion.from_spec(spec)
         center = host.find_center(lesion, placed, rng, max_tries)
@@ -520,32 +620,8 @@ def insert_lesions(
                         spec.texture)
             continue
         extent = lesion.body.extent_mm
-        half = extent + 3.0 * psf_sigma_mm[0] + np.array([thickness / 2 + 3 * psf_sigma_mm[1], 0.0, 0.0])
-        lo, hi = _box(center, half, sp, out.shape)
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        fine = float(np.clip(spec.diameter_mm / 20.0, 0.15, 0.5))
-        n = np.array([_odd(s / fine) if i == 0 and thickness > sp[0] * 1.05 else int(np.ceil(s / fine))
-                      for i, s in enumerate(sp)])
-        sizes = n.copy()
-        sizes[0] = n[0] if thickness <= sp[0] * 1.05 else _odd(thickness / (sp[0] / n[0]))
-        axes = [((lo[a] + (np.arange((hi[a] - lo[a]) * n[a]) + 0.5) / n[a] - 0.5) - center[a]) * sp[a]
-                for a in range(3)]
-        zz, yy, xx = np.meshgrid(*[ax.astype(np.float32) for ax in axes], indexing="ij", sparse=True)
-        alpha, hu = lesion.render(zz, yy, xx)
-        occ = _integrate(alpha, n, sizes)
-        mean_hu = _integrate(alpha * hu, n, sizes) / np.maximum(occ, 1e-6)
-        h = out[box]
-        denser = mean_hu > h
-        added = np.where(denser, occ * (mean_hu - h), 0.0)
-        weight_b = np.clip(ndimage.gaussian_filter(np.where(denser, occ, 0.0), psf), 0.0, 1.0)
-        lesion_b = ndimage.gaussian_filter(np.where(denser, occ * mean_hu, 0.0), psf)
-        noise_rng = np.random.default_rng(spec.seed + 1)
-        noise = ndimage.gaussian_filter(noise_rng.standard_normal(h.shape),
-                                        (0.0, noise_corr_mm / sp[1], noise_corr_mm / sp[2]))
-        noise /= max(float(noise.std()), 1e-6)
-        noise_amp = host.noise_std * np.sqrt(np.clip(1.0 - (1.0 - weight_b) ** 2, 0.0, 1.0))
-        out[box] = (1.0 - weight_b) * h + lesion_b + noise_amp * noise
-
+        box, lo, h, occ, added = scanner.paint(out, center, extent, float(np.clip(spec.diameter_mm / 20.0, 0.15, 0.5)),
+                                               lesion.render, spec.seed + 1)
         pleural = _pleural_lung(volume.array[box], host.lung[box], sp)
         mask = (occ >= 0.5) & (pleural | (added >= LABEL_MIN_ADDED_HU)) & (labels[box] == 0)
         if not mask.any():  # a thin lesion in thick slices: keep its densest voxels
@@ -561,13 +637,60 @@ def insert_lesions(
         diameter = float(2.0 * (3.0 * mask.sum() * np.prod(sp) / (4.0 * np.pi)) ** (1 / 3))
         placed.append(_Placed(center_mm=center * sp, extent_mm=extent))
         inserted.append(InsertedLesion(tuple(float(v) for v in center_lps), diameter, spec, label))
+    return dataclasses.replace(volume, array=_as_host_dtype(out, volume.array.dtype)), labels, inserted
 
-    if np.issubdtype(volume.array.dtype, np.integer):
-        info = np.iinfo(volume.array.dtype)
-        out = np.clip(np.rint(out), info.min, info.max).astype(volume.array.dtype)
-    else:
-        out = out.astype(volume.array.dtype)
-    return dataclasses.replace(volume, array=out), labels, inserted
+
+def insert_distractors(
+    volume: CTVolume,
+    lung_mask: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    keep_out: Sequence[tuple[Sequence[float], float]] = (),
+    slice_thickness_mm: Optional[float] = None,
+    psf_sigma_mm: tuple[float, float] = (0.6, 0.4),
+    noise_corr_mm: float = 0.6,
+    noise_std: Optional[float] = None,
+    max_tries: int = 30,
+) -> CTVolume:
+    """Insert ``n`` vessel-like tubes (``DISTRACTOR_*`` ranges; bent, tapering, often branching) into the aerated
+    lung, imaged like inserted lesions (same partial-volume, blur and noise model) but with no label: negatives
+    that stop a network trained on few hosts from learning "anything this host lacks is a lesion".
+
+    Args:
+        volume: host CT (HU, ``[k, j, i]``).
+        lung_mask: ``bool [k, j, i]`` lung mask of ``volume``; each tube is centred on aerated lung in it.
+        n: tubes to insert; one that finds no place in ``max_tries`` seeds is skipped.
+        rng: generator of shapes and placement.
+        keep_out: ``(center_lps, radius_mm)`` balls no tube comes within ``AVOID_MARGIN_MM`` of (inserted
+            lesions, known findings).
+        slice_thickness_mm, psf_sigma_mm, noise_corr_mm, noise_std: as in :func:`insert_lesions`.
+
+    Returns:
+        The new volume (same geometry and dtype).
+    """
+    host = _Host(volume, lung_mask, keep_out, noise_std)
+    scanner = _Scanner(host, slice_thickness_mm, psf_sigma_mm, noise_corr_mm)
+    out = volume.array.astype(np.float32)
+    for _ in range(n):
+        vessel = _Vessel.random(rng)
+        extent = vessel.extent_mm
+        for _ in range(max_tries):
+            seed = np.array(np.unravel_index(host.seeds[rng.integers(len(host.seeds))], out.shape), dtype=float)
+            center = seed + rng.uniform(-0.5, 0.5, 3)
+            if all(np.linalg.norm(center * host.spacing - c) >= r + extent + AVOID_MARGIN_MM for c, r in host.avoid):
+                scanner.paint(out, center, extent, float(np.clip(vessel.r0.max() / 2, 0.3, 0.5)), vessel.render,
+                              int(rng.integers(2**31 - 1)))
+                break
+        else:
+            log.warning("no place found for a %.0f mm vessel-like distractor; skipped", 2 * extent)
+    return dataclasses.replace(volume, array=_as_host_dtype(out, volume.array.dtype))
+
+
+def _as_host_dtype(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(out), info.min, info.max).astype(dtype)
+    return out.astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------- gallery

@@ -22,7 +22,7 @@
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "insert": null | {"lesions_per_scan": 20,
-"copies": 4, "seed": 1, "mix": {...}}}`` (a LUNA16 folder, a folder laid out like ``../shared/data``, a dataset exported
+"copies": 4, "seed": 1, "mix": {...}, "distractors": 0}}`` (a LUNA16 folder, a folder laid out like ``../shared/data``, a dataset exported
 from a Slicer scene, or a folder of unannotated scans), or ``{"phantoms": n, "seed": s}`` for synthetic
 phantoms (tests and smoke runs only).
 
@@ -33,7 +33,8 @@ covers them with a margin), so they are never positives nor negatives. With ``in
 copied ``copies`` times and ``lesions_per_scan`` synthetic lesions (``lesions``) are inserted into its
 lungs, away from every known finding; the inserted masks are the targets. ``mix`` overrides fields of
 ``lesions.LesionMix`` (default: the LUNA16-like mix), e.g. ``{"median_diameter_mm": 9.0, "log_sigma": 0.7}`` to
-give larger lesions more weight in training. Seeds of training insertions
+give larger lesions more weight in training; ``distractors`` vessel-like tubes per copy are inserted too, with
+no label (``lesions.insert_distractors``: negatives imaged like the lesions). Seeds of training insertions
 stay below 1000; validation lesion sets use seeds from 1000 (``make-lesion-dataset``), so no validation
 lesion shape is ever seen in training.
 
@@ -61,7 +62,7 @@ from .datasets import Dataset
 from .detect import resolve_device
 from .errors import InputError, NoduleDetectionError
 from .io import read_ct
-from .lesions import LesionMix, avoid_radius_mm, insert_lesions, sample_lesion_specs
+from .lesions import LesionMix, avoid_radius_mm, insert_distractors, insert_lesions, sample_lesion_specs
 from .models import ModelConfig, NoduleModel
 from .preprocess import lung_mask
 from .train import PreparedCase, StageSchedule, Trainer, TrainingCase, TrainSettings, phantom_cases, prepare_case
@@ -160,6 +161,9 @@ def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
             rng = np.random.default_rng([int(insert.get("seed", seed)), n, copy])
             specs = sample_lesion_specs(int(insert.get("lesions_per_scan", 20)), rng, mix)
             new, labels, inserted = insert_lesions(volume, lungs, specs, rng, avoid=avoid)
+            if int(insert.get("distractors", 0)):
+                keep_out = avoid + [(np.array(x.center_lps), x.diameter_mm / 2) for x in inserted]
+                new = insert_distractors(new, lungs, int(insert["distractors"]), rng, keep_out=keep_out)
             # Real nodules of a host keep their (unknown) outline out of the loss: ignore, not target.
             lesions = [(np.array(x.center_lps), x.diameter_mm) for x in inserted]
             cases.append(TrainingCase(new, labels, lesions, ignore + [(p, d / 2 + 2.0) for p, d in nodules],
