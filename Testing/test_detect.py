@@ -102,3 +102,28 @@ def test_stage1_score_by_logit_through_a_temperature(tiny_model_path):
     for c in cands_t:
         assert c.score == pytest.approx(1 / (1 + np.exp(-float(logit[regions_t == c.region].max()) / 4.0)))
     assert [c.score for c in cands_t] == sorted((c.score for c in cands_t), reverse=True)
+
+
+def test_stage2_test_time_flips(tiny_model_path, phantom):
+    """With ``stage2.tta`` a candidate's stage 2 probability is sigmoid of the mean logit over its patches flipped
+    along every combination of the three axes; without it, one pass."""
+    import copy
+
+    import torch
+    from NoduleDetectionLib.preprocess import normalize_hu, sample_patches
+
+    plain = Detector.load(tiny_model_path, device="cpu")
+    model = copy.deepcopy(plain.model)
+    model.config.stage2.tta = True
+    tta = Detector(model, device="cpu")
+    centres = np.array([c for c, _ in phantom.nodules] + [[0.0, 0.0, 0.0]], dtype=float)
+    cfg, vol = plain.config.stage2, phantom.volume
+    patches = torch.from_numpy(np.stack([normalize_hu(sample_patches(vol.array, vol.geometry, centres, cfg.patch, s),
+                                                      *plain.config.hu_window) for s in cfg.scales_mm], axis=1))
+    net = plain.model.stage2.eval()
+    with torch.inference_mode():
+        logits = [net(patches.flip(dims)).float().numpy() for dims in
+                  ([], [2], [3], [4], [2, 3], [2, 4], [3, 4], [2, 3, 4])]
+    np.testing.assert_allclose(plain.classify(vol, centres), 1 / (1 + np.exp(-logits[0])), atol=1e-5)
+    np.testing.assert_allclose(tta.classify(vol, centres), 1 / (1 + np.exp(-np.mean(logits, axis=0))), atol=1e-5)
+    assert not np.allclose(plain.classify(vol, centres), tta.classify(vol, centres))

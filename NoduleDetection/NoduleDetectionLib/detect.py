@@ -362,12 +362,14 @@ class Detector:
             for s in cfg.scales_mm
         ]
         patches = np.stack(scales, axis=1)
+        flips = [[a for a, bit in zip((2, 3, 4), f"{n:03b}") if bit == "1"] for n in range(8 if cfg.tta else 1)]
         out = []
         fmt = torch.channels_last_3d if self.device.type == "cpu" else torch.contiguous_format
         with torch.inference_mode(), self._autocast():
             for b in range(0, len(patches), batch):
-                t = torch.from_numpy(patches[b : b + batch]).to(self.device).to(memory_format=fmt)
-                out.append(torch.sigmoid(self.stage2(t).float()).cpu().numpy())
+                t = torch.from_numpy(patches[b : b + batch]).to(self.device)
+                logit = sum(self.stage2((t.flip(dims) if dims else t).to(memory_format=fmt)).float() for dims in flips)
+                out.append(torch.sigmoid(logit / len(flips)).cpu().numpy())
         return np.concatenate(out)
 
     def masses(self, prep: Prepared, prob: np.ndarray, regions: np.ndarray) -> list[Candidate]:

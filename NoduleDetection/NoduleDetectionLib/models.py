@@ -61,13 +61,15 @@ class Stage2Config:
     """Classifier settings: ``patch`` voxels per edge at each spacing in ``scales_mm`` (fine first).
 
     ``weight`` sets a finding's probability from its stage 1 score ``s1`` and stage 2 probability ``s2`` as
-    ``s1 ** (1 - weight) * s2 ** weight`` (1: stage 2 alone); training picks it on validation data.
+    ``s1 ** (1 - weight) * s2 ** weight`` (1: stage 2 alone); training picks it on validation data. With ``tta``,
+    a candidate's logit is the mean over its patches flipped along every combination of the three axes (8 passes).
     """
 
     patch: int = 24
     scales_mm: tuple[float, ...] = (1.0, 2.5)
     channels: tuple[int, ...] = (16, 32, 64)
     weight: float = 1.0
+    tta: bool = False
 
 
 @dataclass

@@ -22,9 +22,9 @@
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "insert": null | {"lesions_per_scan": 20,
-"copies": 4, "seed": 1, "mix": {...}, "distractors": 0}}`` (a LUNA16 folder, a folder laid out like ``../shared/data``, a dataset exported
-from a Slicer scene, or a folder of unannotated scans), or ``{"phantoms": n, "seed": s}`` for synthetic
-phantoms (tests and smoke runs only).
+"copies": 4, "seed": 1, "mix": {...}, "distractors": 0}}`` (a LUNA16 folder, a folder laid out like
+``../shared/data``, a dataset exported from a Slicer scene, or a folder of unannotated scans), or
+``{"phantoms": n, "seed": s}`` for synthetic phantoms (tests and smoke runs only).
 
 Findings of a source are used as follows: ``nodule`` rows are positives (a sphere of their diameter is
 the stage 1 target); ``excluded`` and ``mass`` rows are ignore regions of radius ``max(d/2, 5 mm)``
