@@ -4,7 +4,7 @@ The GPU machine takes a repository copy of at most 64 MiB and no ``../shared``, 
 archive (about 28 MB), so the training host LIDC-IDRI-0002 travels at half its in-plane resolution (2×2 block
 mean: 1.36 × 1.36 × 1.25 mm, its lung slices only, 17 MB). Each config is the balanced recipe
 (``Resources/Training/balanced_lesions.json``) for stage 1 only (2000 steps in rounds 1-2, 3000 in round 3, 1800
-in rounds 4-5: ``ROUNDS``; one stage 2 step), with lesions
+in rounds 4-6: ``ROUNDS``; one stage 2 step), with lesions
 inserted into that host for training (seed 1) and validation (seed 3000, two copies of 25: the same host,
 other lesions); the variants change one setting each, or several::
 
@@ -47,12 +47,15 @@ HALF = f"{HOST}-half"
 #: E and F again and the same with the shipped stage 1's recipe (I) and with a wider U-net (L); round 4 adds the
 #: augmentation that simulates other scanners to B (M, and P with another seed) and to E (O), beside B itself (N);
 #: round 5 inserts vessel-like distractors (negatives) into B's training copies (Q, R with another seed, T with
-#: three times as many), beside B with R's seed (S).
+#: three times as many), beside B with R's seed (S); round 6 changes B's lesion mix: half of the lesions
+#: juxtapleural (U, V: two seeds), or smaller lesions, median 5 mm (W, X).
 SMALL_TARGETS = {"min_target_mm": 6.0}
 NO_THICK_SLICES = {"thick_slices": False}
 MORE_LESIONS = {"positive_fraction": 0.8, "lesions_per_scan": 80}
 SCANNERS = {"scanner_augmentation": True}
 DISTRACTORS = {"distractors": 40}
+JUXTAPLEURAL = {"mix": {"positions": [0.3, 0.2, 0.5]}}
+SMALL_LESIONS = {"mix": {"median_diameter_mm": 5.0, "log_sigma": 0.6}}
 VARIANTS: dict[str, tuple[int, dict]] = {
     "A": (1, {}),
     "B": (1, SMALL_TARGETS),
@@ -74,10 +77,14 @@ VARIANTS: dict[str, tuple[int, dict]] = {
     "R": (5, {**SMALL_TARGETS, **DISTRACTORS, "seed": 1}),
     "S": (5, {**SMALL_TARGETS, "seed": 1}),
     "T": (5, {**SMALL_TARGETS, "distractors": 120}),
+    "U": (6, {**SMALL_TARGETS, **JUXTAPLEURAL}),
+    "V": (6, {**SMALL_TARGETS, **JUXTAPLEURAL, "seed": 1}),
+    "W": (6, {**SMALL_TARGETS, **SMALL_LESIONS}),
+    "X": (6, {**SMALL_TARGETS, **SMALL_LESIONS, "seed": 1}),
 }
 #: Per round: training copies, stage 1 steps, validation interval and time budget (minutes; stage 1 may use 65%).
 ROUNDS = {1: (6, 2000, 250, 8.0), 2: (4, 2000, 250, 5.5), 3: (4, 3000, 500, 9.0), 4: (4, 1800, 600, 5.0),
-          5: (4, 1800, 600, 6.0)}
+          5: (4, 1800, 600, 6.0), 6: (4, 1800, 600, 6.0)}
 
 
 def half_host(shared: Path) -> CTVolume:
@@ -105,11 +112,12 @@ def config(variant: str) -> dict:
                           "insert": {"lesions_per_scan": 25, "copies": 2, "seed": 3000}}]
     out["stage1"]["steps"], out["stage2"]["steps"] = steps, 1
     out.update(validate_every=every, patience=100, time_budget_minutes=minutes)
+    insert["mix"].update(changes.get("mix", {}))
     if "distractors" in changes:
         insert["distractors"] = changes["distractors"]
     if "channels" in changes:
         out["model"]["stage1"]["channels"] = changes["channels"]
-    out.update({k: v for k, v in changes.items() if k not in ("lesions_per_scan", "channels", "distractors")})
+    out.update({k: v for k, v in changes.items() if k not in ("lesions_per_scan", "channels", "distractors", "mix")})
     return out
 
 
