@@ -104,6 +104,27 @@ def test_config_errors_are_one_line(tmp_path):
         load_config(_write(tmp_path, dict(SHORT, train=[{"path": ".", "insert": {"seed": 1000}}])))
     with pytest.raises(InputError, match="init_stages"):
         load_config(_write(tmp_path, dict(SHORT, init_stages=["stage3"])))
+    with pytest.raises(InputError, match="distractors"):
+        load_config(_write(tmp_path, dict(SHORT, train=[{"path": ".", "insert": {"distractors": -2}}])))
+
+
+def test_distractors_change_the_scan_not_the_labels(tmp_path):
+    """``insert.distractors`` paints unlabelled tubes into each copy: same lesions and labels, other voxels."""
+    from NoduleDetectionLib.io import write_volume
+    from NoduleDetectionLib.synthetic import make_phantom
+    from NoduleDetectionLib.train_run import cases_from_source
+
+    (tmp_path / "ct").mkdir()
+    write_volume(make_phantom(np.random.default_rng(4), n_nodules=0).volume, tmp_path / "ct" / "host.nrrd")
+    (tmp_path / "annotations.csv").write_text("seriesuid,scan,coordX,coordY,coordZ,diameter_mm,status\n")
+    insert = {"lesions_per_scan": 2, "copies": 1, "seed": 1, "mix": {"median_diameter_mm": 8.0}}
+    plain, = cases_from_source({"path": str(tmp_path), "insert": insert}, seed=0)
+    tubes, = cases_from_source({"path": str(tmp_path), "insert": dict(insert, distractors=4)}, seed=0)
+    assert plain.lesions and len(plain.lesions) == len(tubes.lesions)
+    assert all(np.allclose(a[0], b[0]) for a, b in zip(plain.lesions, tubes.lesions))
+    assert np.array_equal(plain.label_map, tubes.label_map)
+    added = tubes.volume.array.astype(int) - plain.volume.array
+    assert (added > 200).sum() > 20 and not (added[plain.label_map > 0]).any()
 
 
 def test_fine_tuning_can_keep_stage1_and_train_stage2_afresh(tmp_path):

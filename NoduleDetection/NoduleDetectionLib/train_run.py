@@ -99,6 +99,9 @@ def load_config(path: str | os.PathLike) -> dict:
                 raise InputError(f"training insertion seeds must be below {VALIDATION_SEED_BASE} "
                                  f"(validation lesion sets use {VALIDATION_SEED_BASE} and above)")
             lesion_mix(ins.get("mix") or {})
+            if not isinstance(ins.get("distractors", 0), int) or ins.get("distractors", 0) < 0:
+                raise InputError(f"insert.distractors must be a whole number of tubes per copy, got "
+                                 f"{ins['distractors']!r}")
     stages = config.get("init_stages", list(STAGES))
     if not isinstance(stages, list) or not set(stages) <= set(STAGES):
         raise InputError(f"init_stages must be a list of {' and '.join(STAGES)}, got {stages!r}")
