@@ -120,7 +120,8 @@ def test_distractors_change_the_scan_not_the_labels(tmp_path):
     insert = {"lesions_per_scan": 2, "copies": 1, "seed": 1, "mix": {"median_diameter_mm": 8.0}}
     plain, = cases_from_source({"path": str(tmp_path), "insert": insert}, seed=0)
     tubes, = cases_from_source({"path": str(tmp_path), "insert": dict(insert, distractors=4)}, seed=0)
-    assert plain.lesions and len(plain.lesions) == len(tubes.lesions)
+    assert plain.lesions and len(plain.lesions) == len(tubes.lesions) == len(plain.kinds)
+    assert plain.kinds == tubes.kinds and all(k[2] in ("free", "juxtavascular", "juxtapleural") for k in plain.kinds)
     assert all(np.allclose(a[0], b[0]) for a, b in zip(plain.lesions, tubes.lesions))
     assert np.array_equal(plain.label_map, tubes.label_map)
     added = tubes.volume.array.astype(int) - plain.volume.array

@@ -87,6 +87,7 @@ class TrainingCase:
         lesions: ``(center_lps, diameter_mm)`` of each lesion (LPS mm).
         ignore: ``(center_lps, radius_mm)`` regions that are neither positive nor negative.
         name: identifier used as seriesuid in validation.
+        kinds: for inserted lesions, each lesion's ``(texture, shape, position)`` (``lesions`` order); else empty.
     """
 
     volume: CTVolume
@@ -94,6 +95,7 @@ class TrainingCase:
     lesions: list[tuple[np.ndarray, float]]
     ignore: list[tuple[np.ndarray, float]] = field(default_factory=list)
     name: str = ""
+    kinds: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass

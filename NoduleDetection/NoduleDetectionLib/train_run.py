@@ -170,7 +170,8 @@ def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
             # Real nodules of a host keep their (unknown) outline out of the loss: ignore, not target.
             lesions = [(np.array(x.center_lps), x.diameter_mm) for x in inserted]
             cases.append(TrainingCase(new, labels, lesions, ignore + [(p, d / 2 + 2.0) for p, d in nodules],
-                                      name=f"{scan.seriesuid}-ins{int(insert.get('seed', seed))}-{copy}"))
+                                      name=f"{scan.seriesuid}-ins{int(insert.get('seed', seed))}-{copy}",
+                                      kinds=[(x.spec.texture, x.spec.shape, x.spec.position) for x in inserted]))
             log.info("%s copy %d: %d lesions inserted", scan.name, copy, len(inserted))
     return cases
 
