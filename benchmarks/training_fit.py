@@ -37,7 +37,9 @@ SEARCH_VOXELS = 3
 def fit_table(config_path: Path, models: list[Path], copies: int, threshold: float) -> str:
     """Markdown: per model, lesions with stage 1 ≥ ``threshold`` near their centre, by position and size band."""
     config = load_config(config_path)
-    source = next(s for s in config["train"] if s.get("insert"))
+    source = next((s for s in config["train"] if s.get("insert")), None)
+    if source is None:
+        raise SystemExit(f"{config_path} inserts no lesions into its training scans: nothing to rebuild")
     source = {**source, "insert": {**source["insert"], "copies": copies}}
     cases = cases_from_source(source, int(config.get("seed", 0)))
     head = " | ".join(f"{p} {band}" for p in POSITIONS for band in BAND_NAMES)
