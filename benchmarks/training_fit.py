@@ -47,11 +47,14 @@ def fit_table(config_path: Path, models: list[Path], copies: int, threshold: flo
     lines = [f"Lesions of the first {copies} training copies of `{config_path.name}` ({total} lesions) with stage 1 "
              f"≥ {threshold} within {SEARCH_VOXELS} voxels of their centre:", "",
              f"| model | {head} |", "|---|" + "---|" * (len(POSITIONS) * len(BAND_NAMES))]
+    prepared: dict[tuple, list] = {}  # per working grid (spacing, HU window): each case prepared once
     for path in models:
         detector = Detector(NoduleModel.load(path), device="cpu")
+        grid = (detector.config.stage1.spacing_mm, tuple(detector.config.hu_window))
+        if grid not in prepared:
+            prepared[grid] = [prepare(case.volume, *grid) for case in cases]
         counts = np.zeros((len(POSITIONS), len(BAND_NAMES), 2), int)
-        for case in cases:
-            prep = prepare(case.volume, detector.config.stage1.spacing_mm, detector.config.hu_window)
+        for case, prep in zip(cases, prepared[grid]):
             prob, _ = detector.stage1_maps(prep.image)
             for (centre, diameter), (_, _, position) in zip(case.lesions, case.kinds):
                 kji = np.round(prep.geometry.lps_to_index(np.asarray(centre))[::-1]).astype(int)

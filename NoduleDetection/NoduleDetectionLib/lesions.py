@@ -528,7 +528,7 @@ class _Scanner:
 
     def paint(self, out: np.ndarray, center: np.ndarray, extent_mm: float, fine_mm: float, render, noise_seed: int):
         """Blend the object ``render(z, y, x) -> (occupancy, HU)`` (local mm, k j i) centred at continuous index
-        ``center`` into ``out`` (in place); return ``(box, lo, host_before, occupancy, added_HU)`` of its box."""
+        ``center`` into ``out`` (in place); return ``(box, host_before, occupancy, added_HU)`` of its box."""
         sp, thickness, psf_mm = self.host.spacing, self.thickness, self.psf_sigma_mm
         half = extent_mm + 3.0 * psf_mm[0] + np.array([thickness / 2 + 3 * psf_mm[1], 0.0, 0.0])
         lo, hi = _box(center, half, sp, out.shape)
@@ -552,7 +552,7 @@ class _Scanner:
         noise /= max(float(noise.std()), 1e-6)
         noise_amp = self.host.noise_std * np.sqrt(np.clip(1.0 - (1.0 - weight_b) ** 2, 0.0, 1.0))
         out[box] = (1.0 - weight_b) * h + object_b + noise_amp * noise
-        return box, lo, h, occ, added
+        return box, h, occ, added
 
 
 def _integrate(fine: np.ndarray, n: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -620,7 +620,7 @@ def insert_lesions(
                         spec.texture)
             continue
         extent = lesion.body.extent_mm
-        box, lo, h, occ, added = scanner.paint(out, center, extent, float(np.clip(spec.diameter_mm / 20.0, 0.15, 0.5)),
+        box, h, occ, added = scanner.paint(out, center, extent, float(np.clip(spec.diameter_mm / 20.0, 0.15, 0.5)),
                                                lesion.render, spec.seed + 1)
         pleural = _pleural_lung(volume.array[box], host.lung[box], sp)
         mask = (occ >= 0.5) & (pleural | (added >= LABEL_MIN_ADDED_HU)) & (labels[box] == 0)
@@ -632,7 +632,7 @@ def insert_lesions(
             continue
         label = len(inserted) + 1
         labels[box][mask] = label
-        idx = np.argwhere(mask).mean(axis=0) + lo
+        idx = np.argwhere(mask).mean(axis=0) + [b.start for b in box]
         center_lps = volume.geometry.index_to_lps(idx[::-1])
         diameter = float(2.0 * (3.0 * mask.sum() * np.prod(sp) / (4.0 * np.pi)) ** (1 / 3))
         placed.append(_Placed(center_mm=center * sp, extent_mm=extent))

@@ -159,14 +159,15 @@ def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
             continue
         lungs = lung_mask(volume).mask
         mix = lesion_mix(insert.get("mix") or {})
+        distractors = int(insert.get("distractors", 0))
         avoid = [(p, avoid_radius_mm(d)) for p, d in nodules] + ignore
         for copy in range(int(insert.get("copies", 1))):
             rng = np.random.default_rng([int(insert.get("seed", seed)), n, copy])
             specs = sample_lesion_specs(int(insert.get("lesions_per_scan", 20)), rng, mix)
             new, labels, inserted = insert_lesions(volume, lungs, specs, rng, avoid=avoid)
-            if int(insert.get("distractors", 0)):
+            if distractors:
                 keep_out = avoid + [(np.array(x.center_lps), x.diameter_mm / 2) for x in inserted]
-                new = insert_distractors(new, lungs, int(insert["distractors"]), rng, keep_out=keep_out)
+                new = insert_distractors(new, lungs, distractors, rng, keep_out=keep_out)
             # Real nodules of a host keep their (unknown) outline out of the loss: ignore, not target.
             lesions = [(np.array(x.center_lps), x.diameter_mm) for x in inserted]
             cases.append(TrainingCase(new, labels, lesions, ignore + [(p, d / 2 + 2.0) for p, d in nodules],
