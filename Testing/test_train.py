@@ -106,6 +106,37 @@ def test_config_errors_are_one_line(tmp_path):
         load_config(_write(tmp_path, dict(SHORT, init_stages=["stage3"])))
     with pytest.raises(InputError, match="distractors"):
         load_config(_write(tmp_path, dict(SHORT, train=[{"path": ".", "insert": {"distractors": -2}}])))
+    for weight in (0, -1, "4", True):
+        with pytest.raises(InputError, match="small_attached_weight"):
+            load_config(_write(tmp_path, dict(SHORT, small_attached_weight=weight)))
+
+
+def test_small_attached_lesions_are_drawn_more_often():
+    """``small_attached_weight`` weights the draw of inserted lesions under 6 mm that touch the pleura or a vessel,
+    only those; lesions outside the working grid are not drawn, and the weights follow ``centres``."""
+    case, = phantom_cases(1, seed=3, shape=(32, 64, 80))
+    g = case.volume.geometry
+    inside = g.index_to_lps(np.array([40.0, 32.0, 16.0]))
+    outside = g.index_to_lps(np.array([40.0, 32.0, 500.0]))
+    case.lesions = [(inside, 4.0), (outside, 4.0), (inside, 4.0), (inside, 5.0), (inside, 8.0)]
+    case.kinds = [("solid", "round", "juxtapleural"), ("solid", "round", "juxtapleural"),
+                  ("solid", "round", "free"), ("ground-glass", "lobulated", "juxtavascular"),
+                  ("solid", "round", "juxtapleural")]
+    model = NoduleModel.build(ModelConfig(stage1=Stage1Config(spacing_mm=2.0, channels=(4, 8))), seed=0)
+    prepared = prepare_case(case, model)
+    assert list(prepared.lesion_index) == [0, 2, 3, 4] and len(prepared.centres) == 4
+    assert list(prepared.draw_weights(4.0)) == [4.0, 1.0, 4.0, 1.0]
+    assert list(prepared.draw_weights(1.0)) == [1.0] * 4
+    case.kinds = []  # real annotations carry no kinds: every lesion alike
+    assert list(prepared.draw_weights(4.0)) == [1.0] * 4
+    assert settings_from_config(dict(SHORT, small_attached_weight=3)).small_attached_weight == 3.0
+
+
+def test_weighted_lesion_draw_trains(tmp_path):
+    config = dict(SHORT, balance_lesions=True, small_attached_weight=3, stage2={"steps": 1, "batch": 4})
+    model = NoduleModel.load(run_training(_write(tmp_path, config), tmp_path / "run", device="cpu"))
+    assert [r["stage"] for r in _log(tmp_path / "run")].count("stage1") == SHORT["stage1"]["steps"]
+    assert model.config.card["training_lesions"] > 0
 
 
 def test_distractors_change_the_scan_not_the_labels(tmp_path):

@@ -48,7 +48,9 @@ HALF = f"{HOST}-half"
 #: augmentation that simulates other scanners to B (M, and P with another seed) and to E (O), beside B itself (N);
 #: round 5 inserts vessel-like distractors (negatives) into B's training copies (Q, R with another seed, T with
 #: three times as many), beside B with R's seed (S); round 6 changes B's lesion mix: half of the lesions
-#: juxtapleural (U, V: two seeds), or smaller lesions, median 5 mm (W, X).
+#: juxtapleural (U, V: two seeds), or smaller lesions, median 5 mm (W, X); round 7 draws the small (< 6 mm)
+#: juxtapleural and juxtavascular lesions 4 times as often in B (Y, Z: two seeds) and in O (AA, AB: two seeds,
+#: beside O with seed 1, AC), and 12 times as often in B (AD).
 SMALL_TARGETS = {"min_target_mm": 6.0}
 NO_THICK_SLICES = {"thick_slices": False}
 MORE_LESIONS = {"positive_fraction": 0.8, "lesions_per_scan": 80}
@@ -56,6 +58,8 @@ SCANNERS = {"scanner_augmentation": True}
 DISTRACTORS = {"distractors": 40}
 JUXTAPLEURAL = {"mix": {"positions": [0.3, 0.2, 0.5]}}
 SMALL_LESIONS = {"mix": {"median_diameter_mm": 5.0, "log_sigma": 0.6}}
+SMALL_ATTACHED = {"small_attached_weight": 4.0}
+O_RECIPE = {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, **SCANNERS}
 VARIANTS: dict[str, tuple[int, dict]] = {
     "A": (1, {}),
     "B": (1, SMALL_TARGETS),
@@ -71,7 +75,7 @@ VARIANTS: dict[str, tuple[int, dict]] = {
     "L": (3, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, "channels": [32, 64, 128, 256]}),
     "M": (4, {**SMALL_TARGETS, **SCANNERS}),
     "N": (4, SMALL_TARGETS),
-    "O": (4, {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, **SCANNERS}),
+    "O": (4, O_RECIPE),
     "P": (4, {**SMALL_TARGETS, **SCANNERS, "seed": 1}),
     "Q": (5, {**SMALL_TARGETS, **DISTRACTORS}),
     "R": (5, {**SMALL_TARGETS, **DISTRACTORS, "seed": 1}),
@@ -81,10 +85,16 @@ VARIANTS: dict[str, tuple[int, dict]] = {
     "V": (6, {**SMALL_TARGETS, **JUXTAPLEURAL, "seed": 1}),
     "W": (6, {**SMALL_TARGETS, **SMALL_LESIONS}),
     "X": (6, {**SMALL_TARGETS, **SMALL_LESIONS, "seed": 1}),
+    "Y": (7, {**SMALL_TARGETS, **SMALL_ATTACHED}),
+    "Z": (7, {**SMALL_TARGETS, **SMALL_ATTACHED, "seed": 1}),
+    "AA": (7, {**O_RECIPE, **SMALL_ATTACHED}),
+    "AB": (7, {**O_RECIPE, **SMALL_ATTACHED, "seed": 1}),
+    "AC": (7, {**O_RECIPE, "seed": 1}),
+    "AD": (7, {**SMALL_TARGETS, "small_attached_weight": 12.0}),
 }
 #: Per round: training copies, stage 1 steps, validation interval and time budget (minutes; stage 1 may use 65%).
 ROUNDS = {1: (6, 2000, 250, 8.0), 2: (4, 2000, 250, 5.5), 3: (4, 3000, 500, 9.0), 4: (4, 1800, 600, 5.0),
-          5: (4, 1800, 600, 6.0), 6: (4, 1800, 600, 6.0)}
+          5: (4, 1800, 600, 6.0), 6: (4, 1800, 600, 6.0), 7: (4, 1800, 600, 10.0)}
 
 
 def half_host(shared: Path) -> CTVolume:

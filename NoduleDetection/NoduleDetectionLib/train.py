@@ -69,6 +69,10 @@ MIN_HIT_RADIUS_MM = 3.0
 #: lesion up to that diameter), rounded, between 1 and ``LESION_WEIGHT_MAX``.
 LESION_WEIGHT_REF_MM = 10.0
 LESION_WEIGHT_MAX = 8
+#: Diameter (mm) under which an attached (juxtapleural or juxtavascular) lesion counts as small and attached
+#: for ``TrainSettings.small_attached_weight``.
+SMALL_LESION_MM = 6.0
+ATTACHED_POSITIONS = ("juxtapleural", "juxtavascular")
 
 
 def lesion_weight(diameter_mm: float) -> int:
@@ -126,6 +130,9 @@ class TrainSettings:
             their centre, added to their own voxels (0: every lesion's target is its own voxels).
         thick_slices: stage 1 augmentation simulates thicker slices (``RandomSliceThickness``).
         scanner_augmentation: stage 1 augmentation also simulates other scanners (``stage1_augmentation``).
+        small_attached_weight: with ``balance_lesions``, stage 1 draws inserted lesions under ``SMALL_LESION_MM``
+            that are juxtapleural or juxtavascular (``TrainingCase.kinds``) this many times as often as the
+            others (1: every lesion equally often).
     """
 
     stage1: StageSchedule = field(default_factory=StageSchedule)
@@ -144,18 +151,31 @@ class TrainSettings:
     min_target_mm: float = 0.0
     thick_slices: bool = True
     scanner_augmentation: bool = False
+    small_attached_weight: float = 1.0
 
 
 @dataclass
 class PreparedCase:
     """A case on the working grid: ``target`` lesion mask, ``weight`` (0 inside ignore regions, ``lesion_weight``
-    on lesion voxels, 1 elsewhere) and ``centres``, the lesions' centres as ``[k, j, i]`` indices of that grid."""
+    on lesion voxels, 1 elsewhere), ``centres``, the centres of the lesions inside that grid as ``[k, j, i]``
+    indices, and ``lesion_index``, the index of each of those lesions in ``case.lesions``."""
 
     case: TrainingCase
     prep: Prepared
     target: np.ndarray
     weight: np.ndarray
     centres: np.ndarray
+    lesion_index: np.ndarray
+
+    def draw_weights(self, small_attached_weight: float) -> np.ndarray:
+        """Relative chance of drawing each of ``centres`` for a lesion patch: ``small_attached_weight`` for
+        an inserted lesion under ``SMALL_LESION_MM`` (diameter) that is juxtapleural or juxtavascular, else 1."""
+        w = np.ones(len(self.centres))
+        if self.case.kinds:
+            for n, i in enumerate(self.lesion_index):
+                if self.case.lesions[i][1] < SMALL_LESION_MM and self.case.kinds[i][2] in ATTACHED_POSITIONS:
+                    w[n] = small_attached_weight
+        return w
 
 
 def sphere_mask(shape: tuple[int, ...], geometry, balls: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
@@ -208,7 +228,7 @@ def prepare_case(case: TrainingCase, model: NoduleModel, min_target_mm: float = 
     kji = np.round(prep.geometry.lps_to_index(np.array([c for c, _ in case.lesions], float).reshape(-1, 3)))
     kji = kji.reshape(-1, 3)[:, ::-1].astype(int)
     inside = np.all((kji >= 0) & (kji < np.array(prep.image.shape)), axis=1)
-    return PreparedCase(case, prep, target.astype(np.float32), weight, kji[inside])
+    return PreparedCase(case, prep, target.astype(np.float32), weight, kji[inside], np.flatnonzero(inside))
 
 
 def _crop(arrays: Sequence[np.ndarray], centre: np.ndarray, size: int) -> list[np.ndarray]:
@@ -465,6 +485,10 @@ class Trainer:
         # Lesion patches are centred near a lesion voxel, or near a lesion drawn uniformly when balancing lesions.
         lesion_centres = [c.centres if s.balance_lesions and len(c.centres) else np.argwhere(c.target > 0)
                           for c in self.train_cases]
+        # Chances of drawing each lesion (None: uniform, drawn as before this setting existed).
+        draw = [c.draw_weights(s.small_attached_weight) if s.balance_lesions and len(c.centres)
+                and s.small_attached_weight != 1.0 else None for c in self.train_cases]
+        draw = [None if p is None else p / p.sum() for p in draw]
         lung_voxels = [np.argwhere(c.prep.lung) for c in self.train_cases]
 
         def one(rng: np.random.Generator) -> list[np.ndarray]:
@@ -472,7 +496,8 @@ class Trainer:
             c = self.train_cases[n]
             if rng.random() < s.positive_fraction and len(lesion_centres[n]):
                 jitter = rng.integers(-size // 4, size // 4 + 1, 3)
-                centre = lesion_centres[n][rng.integers(len(lesion_centres[n]))] + jitter
+                pick = rng.integers(len(lesion_centres[n])) if draw[n] is None else rng.choice(len(draw[n]), p=draw[n])
+                centre = lesion_centres[n][pick] + jitter
             elif len(lung_voxels[n]):
                 centre = lung_voxels[n][rng.integers(len(lung_voxels[n]))]
             else:

@@ -18,7 +18,8 @@
       "stage2_rotate": false,              # stage 2: augment with small rotations and scaling too
       "min_target_mm": 0,                  # stage 1: smaller lesions' targets are balls of this diameter
       "thick_slices": true,                # stage 1: augmentation simulates thicker slices
-      "scanner_augmentation": false        # stage 1: augmentation simulates other scanners (gamma, kernel)
+      "scanner_augmentation": false,       # stage 1: augmentation simulates other scanners (gamma, kernel)
+      "small_attached_weight": 1           # stage 1: draw small attached inserted lesions this many times as often
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "insert": null | {"lesions_per_scan": 20,
@@ -102,6 +103,9 @@ def load_config(path: str | os.PathLike) -> dict:
             if not isinstance(ins.get("distractors", 0), int) or ins.get("distractors", 0) < 0:
                 raise InputError(f"insert.distractors must be a whole number of tubes per copy, got "
                                  f"{ins['distractors']!r}")
+    weight = config.get("small_attached_weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise InputError(f"small_attached_weight must be a number above 0, got {weight!r}")
     stages = config.get("init_stages", list(STAGES))
     if not isinstance(stages, list) or not set(stages) <= set(STAGES):
         raise InputError(f"init_stages must be a list of {' and '.join(STAGES)}, got {stages!r}")
@@ -131,6 +135,7 @@ def settings_from_config(config: dict) -> TrainSettings:
         min_target_mm=float(config.get("min_target_mm", d.min_target_mm)),
         thick_slices=bool(config.get("thick_slices", d.thick_slices)),
         scanner_augmentation=bool(config.get("scanner_augmentation", d.scanner_augmentation)),
+        small_attached_weight=float(config.get("small_attached_weight", d.small_attached_weight)),
     )
 
 
