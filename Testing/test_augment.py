@@ -164,3 +164,39 @@ def test_scanner_augmentation_is_chosen_by_the_config():
     base = {"train": [], "stage1": {"steps": 1}, "stage2": {"steps": 1}}
     assert settings_from_config(base).scanner_augmentation is False
     assert settings_from_config(dict(base, scanner_augmentation=True)).scanner_augmentation is True
+
+
+def test_elastic_bends_image_and_label_together():
+    """``elastic_mm`` moves image and label by the same smooth field: the sphere stays on its label, its volume
+    about the same, and the patch really changes; with a near-zero displacement it is the plain affine."""
+    image, label = _sphere_patch(center_kji=(12.0, 16.0, 20.0), radius_mm=5.0)
+    bend = RandomAffine(degrees=10.0, scales=(0.9, 1.1), spacing=SPACING, elastic_mm=2.0)
+    out, lab = bend(image, label, np.random.default_rng(4))
+    again, lab_again = bend(image, label, np.random.default_rng(4))
+    assert np.array_equal(out, again) and np.array_equal(lab, lab_again)
+    plain, plain_lab = RandomAffine(degrees=10.0, scales=(0.9, 1.1), spacing=SPACING)(image, label,
+                                                                                      np.random.default_rng(4))
+    assert (lab != plain_lab).sum() > 20
+    assert ((out > -400) == (lab > 0)).mean() > 0.98
+    assert lab.sum() == pytest.approx(plain_lab.sum(), rel=0.3)
+    tiny = RandomAffine(degrees=10.0, scales=(0.9, 1.1), spacing=SPACING, elastic_mm=1e-6)
+    nearly, _ = tiny(image, label, np.random.default_rng(4))
+    assert np.abs(nearly - plain)[2:-2, 2:-2, 2:-2].max() < 1e-2
+
+
+def test_elastic_displacement_is_smooth_with_the_asked_spread():
+    bend = RandomAffine(spacing=(1.5, 1.5, 1.5), elastic_mm=2.0, elastic_grid_mm=12.0)
+    field = bend._displacement((48, 48, 48), np.random.default_rng(0)) * 1.5  # mm
+    corners = field[:, ::47, ::47, ::47]  # corners are control points: the asked spread there
+    assert 0.5 < corners.std() < 4.0
+    assert np.abs(np.diff(field, axis=1)).max() < 2.0  # neighbours move together (mm per 1.5 mm voxel)
+
+
+def test_elastic_is_chosen_by_the_config():
+    from NoduleDetectionLib.train import stage1_augmentation
+    from NoduleDetectionLib.train_run import settings_from_config
+
+    affine = [t for t in stage1_augmentation(1.5, elastic_mm=2.0).transforms if isinstance(t, RandomAffine)]
+    assert [t.elastic_mm for t in affine] == [2.0]
+    assert [t.elastic_mm for t in stage1_augmentation(1.5).transforms if isinstance(t, RandomAffine)] == [0.0]
+    assert settings_from_config({"train": [], "elastic_mm": 1.5}).elastic_mm == 1.5

@@ -106,6 +106,9 @@ def test_config_errors_are_one_line(tmp_path):
         load_config(_write(tmp_path, dict(SHORT, init_stages=["stage3"])))
     with pytest.raises(InputError, match="distractors"):
         load_config(_write(tmp_path, dict(SHORT, train=[{"path": ".", "insert": {"distractors": -2}}])))
+    for elastic in (-1, 11, "2"):
+        with pytest.raises(InputError, match="elastic_mm"):
+            load_config(_write(tmp_path, dict(SHORT, elastic_mm=elastic)))
     for weight in (0, -1, "4", True):
         with pytest.raises(InputError, match="small_attached_weight"):
             load_config(_write(tmp_path, dict(SHORT, small_attached_weight=weight)))
@@ -132,8 +135,8 @@ def test_small_attached_lesions_are_drawn_more_often():
     assert settings_from_config(dict(SHORT, small_attached_weight=3)).small_attached_weight == 3.0
 
 
-def test_weighted_lesion_draw_trains(tmp_path):
-    config = dict(SHORT, balance_lesions=True, small_attached_weight=3, stage2={"steps": 1, "batch": 4})
+def test_weighted_lesion_draw_and_elastic_augmentation_train(tmp_path):
+    config = dict(SHORT, balance_lesions=True, small_attached_weight=3, elastic_mm=1.0, stage2={"steps": 1, "batch": 4})
     model = NoduleModel.load(run_training(_write(tmp_path, config), tmp_path / "run", device="cpu"))
     assert [r["stage"] for r in _log(tmp_path / "run")].count("stage1") == SHORT["stage1"]["steps"]
     assert model.config.card["training_lesions"] > 0

@@ -50,7 +50,8 @@ HALF = f"{HOST}-half"
 #: three times as many), beside B with R's seed (S); round 6 changes B's lesion mix: half of the lesions
 #: juxtapleural (U, V: two seeds), or smaller lesions, median 5 mm (W, X); round 7 draws the small (< 6 mm)
 #: juxtapleural and juxtavascular lesions 4 times as often in B (Y, Z: two seeds) and in O (AA, AB: two seeds,
-#: beside O with seed 1, AC), and 12 times as often in B (AD).
+#: beside O with seed 1, AC), and 12 times as often in B (AD); round 8 bends the patches (``elastic_mm`` 2) in B
+#: (AE, AF: two seeds) and in O (AG, AH: two seeds).
 SMALL_TARGETS = {"min_target_mm": 6.0}
 NO_THICK_SLICES = {"thick_slices": False}
 MORE_LESIONS = {"positive_fraction": 0.8, "lesions_per_scan": 80}
@@ -59,6 +60,7 @@ DISTRACTORS = {"distractors": 40}
 JUXTAPLEURAL = {"mix": {"positions": [0.3, 0.2, 0.5]}}
 SMALL_LESIONS = {"mix": {"median_diameter_mm": 5.0, "log_sigma": 0.6}}
 SMALL_ATTACHED = {"small_attached_weight": 4.0}
+ELASTIC = {"elastic_mm": 2.0}
 O_RECIPE = {**SMALL_TARGETS, **NO_THICK_SLICES, **MORE_LESIONS, **SCANNERS}
 VARIANTS: dict[str, tuple[int, dict]] = {
     "A": (1, {}),
@@ -91,10 +93,15 @@ VARIANTS: dict[str, tuple[int, dict]] = {
     "AB": (7, {**O_RECIPE, **SMALL_ATTACHED, "seed": 1}),
     "AC": (7, {**O_RECIPE, "seed": 1}),
     "AD": (7, {**SMALL_TARGETS, "small_attached_weight": 12.0}),
+    "AE": (8, {**SMALL_TARGETS, **ELASTIC}),
+    "AF": (8, {**SMALL_TARGETS, **ELASTIC, "seed": 1}),
+    "AG": (8, {**O_RECIPE, **ELASTIC}),
+    "AH": (8, {**O_RECIPE, **ELASTIC, "seed": 1}),
 }
 #: Per round: training copies, stage 1 steps, validation interval and time budget (minutes; stage 1 may use 65%).
 ROUNDS = {1: (6, 2000, 250, 8.0), 2: (4, 2000, 250, 5.5), 3: (4, 3000, 500, 9.0), 4: (4, 1800, 600, 5.0),
-          5: (4, 1800, 600, 6.0), 6: (4, 1800, 600, 6.0), 7: (4, 1800, 600, 10.0)}
+          5: (4, 1800, 600, 6.0), 6: (4, 1800, 600, 6.0), 7: (4, 1800, 600, 10.0),
+          8: (4, 1800, 600, 10.0)}
 
 
 def half_host(shared: Path) -> CTVolume:

@@ -88,6 +88,9 @@ class RandomAffine:
 
     Works in mm (so anisotropic voxels rotate correctly); the image is interpolated linearly (edges
     replicated), the label by nearest neighbour (outside = 0). A scale above 1 enlarges the content.
+    ``elastic_mm`` > 0 also bends the content, in the same resample: each point moves by a smooth random
+    displacement, normal with that standard deviation (mm, each axis) at control points about ``elastic_grid_mm``
+    apart and linear between them.
 
     Example:
         >>> import numpy as np
@@ -100,9 +103,21 @@ class RandomAffine:
     """
 
     def __init__(self, degrees: float = 15.0, scales: tuple[float, float] = (0.8, 1.2),
-                 spacing: Sequence[float] = (1.0, 1.0, 1.0)):
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0), elastic_mm: float = 0.0, elastic_grid_mm: float = 12.0):
         self.degrees, self.scales = degrees, scales
         self.spacing_kji = np.asarray(spacing, float)[::-1]
+        self.elastic_mm, self.elastic_grid_mm = elastic_mm, elastic_grid_mm
+
+    def _displacement(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        """Smooth random displacement ``float32 [3, k, j, i]`` in input voxels (see the class docs)."""
+        size = np.asarray(shape)
+        points = np.maximum(np.round((size - 1) * self.spacing_kji / self.elastic_grid_mm).astype(int) + 1, 2)
+        field = rng.normal(0.0, self.elastic_mm, (3, *points)) / self.spacing_kji[:, None, None, None]
+        for axis in range(3):  # linear interpolation, one axis at a time, corner to corner
+            position = np.linspace(0.0, points[axis] - 1.0, size[axis])
+            weights = np.maximum(0.0, 1.0 - np.abs(position[:, None] - np.arange(points[axis])[None, :]))
+            field = np.moveaxis(np.tensordot(weights, field, axes=([1], [axis + 1])), 0, axis + 1)
+        return field.astype(np.float32)
 
     def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator) -> Pair:
         angles = np.deg2rad(rng.uniform(-self.degrees, self.degrees, 3))
@@ -112,7 +127,15 @@ class RandomAffine:
         matrix = np.linalg.inv(s) @ _rotation(angles).T @ s / scale
         centre = (np.asarray(image.shape) - 1) / 2.0
         offset = centre - matrix @ centre
-        out = ndimage.affine_transform(image.astype(np.float32, copy=False), matrix, offset, order=1,
+        image32 = image.astype(np.float32, copy=False)
+        if self.elastic_mm > 0:
+            grid = np.indices(image.shape, dtype=np.float32).reshape(3, -1)
+            coords = (matrix @ grid + offset[:, None]).reshape(3, *image.shape)
+            coords += self._displacement(image.shape, rng)
+            out = ndimage.map_coordinates(image32, coords, order=1, mode="nearest").astype(image.dtype, copy=False)
+            lab = None if label is None else ndimage.map_coordinates(label, coords, order=0, mode="constant", cval=0)
+            return out, lab
+        out = ndimage.affine_transform(image32, matrix, offset, order=1,
                                        mode="nearest").astype(image.dtype, copy=False)
         if label is None:
             return out, None

@@ -130,6 +130,8 @@ class TrainSettings:
             their centre, added to their own voxels (0: every lesion's target is its own voxels).
         thick_slices: stage 1 augmentation simulates thicker slices (``RandomSliceThickness``).
         scanner_augmentation: stage 1 augmentation also simulates other scanners (``stage1_augmentation``).
+        elastic_mm: stage 1 augmentation bends patches by a smooth random displacement of this standard
+            deviation (mm; 0: off; ``stage1_augmentation``).
         small_attached_weight: with ``balance_lesions``, stage 1 draws inserted lesions under ``SMALL_LESION_MM``
             that are juxtapleural or juxtavascular (``TrainingCase.kinds``) this many times as often as the
             others (1: every lesion equally often).
@@ -152,6 +154,7 @@ class TrainSettings:
     thick_slices: bool = True
     scanner_augmentation: bool = False
     small_attached_weight: float = 1.0
+    elastic_mm: float = 0.0
 
 
 @dataclass
@@ -248,18 +251,23 @@ def _crop(arrays: Sequence[np.ndarray], centre: np.ndarray, size: int) -> list[n
     return out
 
 
-def stage1_augmentation(spacing_mm: float, thick_slices: bool = True, scanner: bool = False) -> Compose:
+def stage1_augmentation(spacing_mm: float, thick_slices: bool = True, scanner: bool = False,
+                        elastic_mm: float = 0.0) -> Compose:
     """Augmentation of normalised working-grid patches (intensity offsets in normalised units); ``thick_slices``:
     also simulate slices of 0.6-5 mm; ``scanner``: also other scanners (gamma 0.8-1.25, a smoother or sharper
     kernel, HU scaled by 0.9-1.1 and shifted by up to about 55 HU, noise up to about 40 HU) instead of the mild
-    intensity and noise jitter."""
+    intensity and noise jitter; ``elastic_mm`` > 0: also bend the patch (``RandomAffine``'s elastic displacement,
+    that standard deviation in mm at control points 12 mm apart)."""
     if scanner:
         intensity = [RandomGamma((0.8, 1.25)), RandomSharpness(),
                      RandomIntensity(scale=(0.9, 1.1), offset=(-0.04, 0.04)), RandomNoise(std=(0.0, 0.03))]
     else:
         intensity = [RandomIntensity(scale=(0.95, 1.05), offset=(-0.015, 0.015)), RandomNoise(std=(0.0, 0.012))]
+    # The grid is isotropic, so the spacing only sets the elastic displacement's units; it is left out when that is
+    # off, which keeps the rotation matrix (and so every earlier run) bit for bit as before.
+    bend = {"spacing": (spacing_mm,) * 3, "elastic_mm": elastic_mm} if elastic_mm > 0 else {}
     return Compose([
-        RandomFlip(), RandomRot90(), RandomAffine(degrees=10.0, scales=(0.85, 1.15)),
+        RandomFlip(), RandomRot90(), RandomAffine(degrees=10.0, scales=(0.85, 1.15), **bend),
         *([RandomSliceThickness((0.6, 5.0), spacing=(spacing_mm,) * 3)] if thick_slices else []), *intensity,
     ])
 
@@ -480,8 +488,8 @@ class Trainer:
         """Optimise the U-net (patches of the working grid, BCE + soft Dice, ignore regions masked)."""
         s = self.settings
         size = -(-s.patch1 // self.model.stage1.divisor) * self.model.stage1.divisor
-        aug = (stage1_augmentation(self.model.config.stage1.spacing_mm, s.thick_slices, s.scanner_augmentation)
-               if s.augment else None)
+        aug = (stage1_augmentation(self.model.config.stage1.spacing_mm, s.thick_slices, s.scanner_augmentation,
+                                   s.elastic_mm) if s.augment else None)
         # Lesion patches are centred near a lesion voxel, or near a lesion drawn uniformly when balancing lesions.
         lesion_centres = [c.centres if s.balance_lesions and len(c.centres) else np.argwhere(c.target > 0)
                           for c in self.train_cases]

@@ -19,7 +19,8 @@
       "min_target_mm": 0,                  # stage 1: smaller lesions' targets are balls of this diameter
       "thick_slices": true,                # stage 1: augmentation simulates thicker slices
       "scanner_augmentation": false,       # stage 1: augmentation simulates other scanners (gamma, kernel)
-      "small_attached_weight": 1           # stage 1: draw small attached inserted lesions this many times as often
+      "small_attached_weight": 1,          # stage 1: draw small attached inserted lesions this many times as often
+      "elastic_mm": 0                      # stage 1: augmentation bends patches (displacement s.d., mm)
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "insert": null | {"lesions_per_scan": 20,
@@ -106,6 +107,9 @@ def load_config(path: str | os.PathLike) -> dict:
     weight = config.get("small_attached_weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
         raise InputError(f"small_attached_weight must be a number above 0, got {weight!r}")
+    elastic = config.get("elastic_mm", 0)
+    if isinstance(elastic, bool) or not isinstance(elastic, (int, float)) or not 0 <= elastic <= 10:
+        raise InputError(f"elastic_mm must be a displacement of 0 to 10 mm, got {elastic!r}")
     stages = config.get("init_stages", list(STAGES))
     if not isinstance(stages, list) or not set(stages) <= set(STAGES):
         raise InputError(f"init_stages must be a list of {' and '.join(STAGES)}, got {stages!r}")
@@ -136,6 +140,7 @@ def settings_from_config(config: dict) -> TrainSettings:
         thick_slices=bool(config.get("thick_slices", d.thick_slices)),
         scanner_augmentation=bool(config.get("scanner_augmentation", d.scanner_augmentation)),
         small_attached_weight=float(config.get("small_attached_weight", d.small_attached_weight)),
+        elastic_mm=float(config.get("elastic_mm", d.elastic_mm)),
     )
 
 
