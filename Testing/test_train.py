@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from NoduleDetectionLib.calibrate import STAGE_WEIGHTS, choose_threshold
 from NoduleDetectionLib.datasets import Finding
 from NoduleDetectionLib.detect import Detector
@@ -16,6 +17,7 @@ from NoduleDetectionLib.evaluate import Candidate
 from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.models import ModelConfig, NoduleModel, Stage1Config
 from NoduleDetectionLib.train import (
+    DENSE_HOST_HU,
     MIN_HIT_RADIUS_MM,
     SAMPLE_SOURCES,
     lesion_weight,
@@ -257,6 +259,32 @@ def test_small_lesions_can_get_larger_targets():
     assert np.array_equal(own.target[big], larger.target[big]) and np.array_equal(own.weight[big], larger.weight[big])
     assert settings_from_config(dict(SHORT, min_target_mm=6)).min_target_mm == 6.0
     assert settings_from_config(SHORT).min_target_mm == 0.0
+
+
+def test_larger_targets_can_leave_out_dense_host_tissue():
+    """``min_target_ignores_dense``: the part of a small lesion's 6 mm target ball that is dense host tissue (here
+    the phantom's body wall) and not the lesion is ignored (weight 0), not a target; the rest is as before."""
+    config = ModelConfig(stage1=Stage1Config(spacing_mm=2.0, channels=(4, 8), tile=64))
+    model = NoduleModel.build(config, seed=0)
+    case = phantom_cases(1, seed=3, shape=(32, 64, 80), n_nodules=1)[0]
+    case.label_map = None
+    plain = prepare_case(case, model)
+    geo, image = plain.prep.geometry, plain.prep.image
+    # a lung voxel next to the body wall (2 mm from it): a juxtapleural-like place for a 3 mm lesion
+    wall = image > (DENSE_HOST_HU + 1000.0) / 1400.0
+    spot = np.argwhere((ndimage.distance_transform_edt(~wall) == 1.0) & (image < 0.3) & plain.prep.lung)[0]
+    centre = geo.index_to_lps(spot[::-1].astype(float))
+    case.lesions = [(centre, 3.0)]
+    before = prepare_case(case, model, min_target_mm=6.0)
+    after = prepare_case(case, model, min_target_mm=6.0, ignore_dense=True)
+    ball = sphere_mask(image.shape, geo, [(centre, 3.0)])
+    own = sphere_mask(image.shape, geo, [(centre, 1.5)])
+    dense = ball & ~own & wall
+    assert dense.sum() > 0 and (before.target[dense] > 0).all()
+    assert (after.target[dense] == 0).all() and (after.weight[dense] == 0).all()
+    assert (after.target[own] > 0).all() and np.array_equal(after.target[~dense], before.target[~dense])
+    assert np.array_equal(after.weight[~dense], before.weight[~dense])
+    assert settings_from_config(dict(SHORT, min_target_ignores_dense=True)).min_target_ignores_dense is True
 
 
 def test_thick_slice_simulation_can_be_left_out_of_stage1_augmentation():

@@ -73,6 +73,9 @@ LESION_WEIGHT_MAX = 8
 #: for ``TrainSettings.small_attached_weight``.
 SMALL_LESION_MM = 6.0
 ATTACHED_POSITIONS = ("juxtapleural", "juxtavascular")
+#: HU above which a voxel of a small lesion's ``min_target_mm`` ball that is not the lesion's own is dense host
+#: tissue (chest wall, vessel) for ``TrainSettings.min_target_ignores_dense``.
+DENSE_HOST_HU = -300.0
 
 
 def lesion_weight(diameter_mm: float) -> int:
@@ -130,6 +133,9 @@ class TrainSettings:
             their centre, added to their own voxels (0: every lesion's target is its own voxels).
         thick_slices: stage 1 augmentation simulates thicker slices (``RandomSliceThickness``).
         scanner_augmentation: stage 1 augmentation also simulates other scanners (``stage1_augmentation``).
+        min_target_ignores_dense: the ``min_target_mm`` ball leaves out the dense host tissue in it (above
+            ``DENSE_HOST_HU``, not the lesion's own voxels, e.g. the chest wall behind a juxtapleural lesion):
+            those voxels are ignored (weight 0), neither target nor background.
         elastic_mm: stage 1 augmentation bends patches by a smooth random displacement of this standard
             deviation (mm; 0: off; ``stage1_augmentation``).
         small_attached_weight: with ``balance_lesions``, stage 1 draws inserted lesions under ``SMALL_LESION_MM``
@@ -155,6 +161,7 @@ class TrainSettings:
     scanner_augmentation: bool = False
     small_attached_weight: float = 1.0
     elastic_mm: float = 0.0
+    min_target_ignores_dense: bool = False
 
 
 @dataclass
@@ -199,12 +206,14 @@ def sphere_mask(shape: tuple[int, ...], geometry, balls: Sequence[tuple[np.ndarr
     return mask
 
 
-def prepare_case(case: TrainingCase, model: NoduleModel, min_target_mm: float = 0.0) -> PreparedCase:
+def prepare_case(case: TrainingCase, model: NoduleModel, min_target_mm: float = 0.0,
+                 ignore_dense: bool = False) -> PreparedCase:
     """Bring a case to the working grid (the same preprocessing as detection) with its target and weights.
 
     The target is the case's label map or, without one, the union of the lesions' spheres; a lesion under
     ``min_target_mm`` (diameter, mm) also gets a ball of that diameter around its centre
-    (``TrainSettings.min_target_mm``), and its voxels the weight of a lesion of that diameter.
+    (``TrainSettings.min_target_mm``), and its voxels the weight of a lesion of that diameter. With
+    ``ignore_dense``, the ball's dense host voxels are ignored instead (``TrainSettings.min_target_ignores_dense``).
     """
     config = model.config
     prep = prepare(case.volume, config.stage1.spacing_mm, config.hu_window)
@@ -216,8 +225,14 @@ def prepare_case(case: TrainingCase, model: NoduleModel, min_target_mm: float = 
     else:
         target = sphere_mask(prep.image.shape, prep.geometry, [(c, d / 2) for c, d in case.lesions])
     small = [(c, min_target_mm / 2) for c, d in case.lesions if d < min_target_mm]
+    dense = None
     if small:
-        target = target | sphere_mask(prep.image.shape, prep.geometry, small)
+        ring = sphere_mask(prep.image.shape, prep.geometry, small) & ~target
+        if ignore_dense:
+            lo, hi = config.hu_window
+            dense = ring & (prep.image > (DENSE_HOST_HU - lo) / (hi - lo))
+            ring &= ~dense
+        target = target | ring
     weight = np.ones(prep.image.shape, np.float32)
     margin = max(prep.geometry.spacing)
     balls_by_weight: dict[int, list[tuple[np.ndarray, float]]] = {}
@@ -228,6 +243,8 @@ def prepare_case(case: TrainingCase, model: NoduleModel, min_target_mm: float = 
         weight[sphere_mask(prep.image.shape, prep.geometry, balls_by_weight[w]) & target] = w
     if case.ignore:
         weight[sphere_mask(prep.image.shape, prep.geometry, case.ignore) & ~target] = 0.0
+    if dense is not None:
+        weight[dense] = 0.0
     kji = np.round(prep.geometry.lps_to_index(np.array([c for c, _ in case.lesions], float).reshape(-1, 3)))
     kji = kji.reshape(-1, 3)[:, ::-1].astype(int)
     inside = np.all((kji >= 0) & (kji < np.array(prep.image.shape)), axis=1)
@@ -490,12 +507,13 @@ class Trainer:
         size = -(-s.patch1 // self.model.stage1.divisor) * self.model.stage1.divisor
         aug = (stage1_augmentation(self.model.config.stage1.spacing_mm, s.thick_slices, s.scanner_augmentation,
                                    s.elastic_mm) if s.augment else None)
-        # Lesion patches are centred near a lesion voxel, or near a lesion drawn uniformly when balancing lesions.
+        # Lesion patches are centred near a lesion voxel or, when balancing lesions, near a lesion drawn uniformly
+        # (``draw`` None: the draw of every run before ``small_attached_weight`` existed) or by those weights.
         lesion_centres = [c.centres if s.balance_lesions and len(c.centres) else np.argwhere(c.target > 0)
                           for c in self.train_cases]
-        # Chances of drawing each lesion (None: uniform, drawn as before this setting existed).
-        draw = [c.draw_weights(s.small_attached_weight) if s.balance_lesions and len(c.centres)
-                and s.small_attached_weight != 1.0 else None for c in self.train_cases]
+        weighted = s.balance_lesions and s.small_attached_weight != 1.0
+        draw = [c.draw_weights(s.small_attached_weight) if weighted and len(c.centres) else None
+                for c in self.train_cases]
         draw = [None if p is None else p / p.sum() for p in draw]
         lung_voxels = [np.argwhere(c.prep.lung) for c in self.train_cases]
 
@@ -588,7 +606,8 @@ def train_model(cases: Sequence[TrainingCase], model: NoduleModel, settings: Tra
                 val_cases: Sequence[TrainingCase] = (), hook: StepHook | None = None) -> NoduleModel:
     """Train both stages on ``cases`` in memory (no files) and return the model in eval mode."""
     settings = settings or TrainSettings()
-    trainer = Trainer(model, [prepare_case(c, model, settings.min_target_mm) for c in cases],
+    trainer = Trainer(model, [prepare_case(c, model, settings.min_target_mm, settings.min_target_ignores_dense)
+                              for c in cases],
                       [prepare_case(c, model) for c in val_cases],
                       settings, hook=hook)
     trainer.train_stage1()

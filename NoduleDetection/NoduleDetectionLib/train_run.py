@@ -17,6 +17,7 @@
       "tissue_negatives": 150,             # stage 2: negatives per case from the host's dense tissue
       "stage2_rotate": false,              # stage 2: augment with small rotations and scaling too
       "min_target_mm": 0,                  # stage 1: smaller lesions' targets are balls of this diameter
+      "min_target_ignores_dense": false,   # stage 1: ... whose dense host voxels (chest wall) are ignored
       "thick_slices": true,                # stage 1: augmentation simulates thicker slices
       "scanner_augmentation": false,       # stage 1: augmentation simulates other scanners (gamma, kernel)
       "small_attached_weight": 1,          # stage 1: draw small attached inserted lesions this many times as often
@@ -141,6 +142,7 @@ def settings_from_config(config: dict) -> TrainSettings:
         scanner_augmentation=bool(config.get("scanner_augmentation", d.scanner_augmentation)),
         small_attached_weight=float(config.get("small_attached_weight", d.small_attached_weight)),
         elastic_mm=float(config.get("elastic_mm", d.elastic_mm)),
+        min_target_ignores_dense=bool(config.get("min_target_ignores_dense", d.min_target_ignores_dense)),
     )
 
 
@@ -187,12 +189,12 @@ def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
     return cases
 
 
-def _prepare_sources(sources: list[dict], model: NoduleModel, seed: int,
-                     min_target_mm: float = 0.0) -> list[PreparedCase]:
+def _prepare_sources(sources: list[dict], model: NoduleModel, seed: int, min_target_mm: float = 0.0,
+                     ignore_dense: bool = False) -> list[PreparedCase]:
     out = []
     for source in sources:
         for case in cases_from_source(source, seed):
-            prepared = prepare_case(case, model, min_target_mm)
+            prepared = prepare_case(case, model, min_target_mm, ignore_dense)
             case.label_map = None  # the working-grid target is kept; the input-grid copy is not needed
             out.append(prepared)
     return out
@@ -285,7 +287,8 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
         write_text_atomic(files.config, json.dumps(config, indent=2), overwrite=True)
 
     t0 = time.perf_counter()
-    train_cases = _prepare_sources(config["train"], model, settings.seed, settings.min_target_mm)
+    train_cases = _prepare_sources(config["train"], model, settings.seed, settings.min_target_mm,
+                                   settings.min_target_ignores_dense)
     val_cases = _prepare_sources(config.get("validation") or [], model, settings.seed)
     data_seconds = time.perf_counter() - t0
     log.info("data: %d training cases, %d validation cases (%.0f s)", len(train_cases), len(val_cases), data_seconds)
