@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 from NoduleDetectionLib.calibrate import STAGE_WEIGHTS, choose_threshold
 from NoduleDetectionLib.datasets import Finding
 from NoduleDetectionLib.detect import Detector
@@ -27,6 +26,7 @@ from NoduleDetectionLib.train import (
     sphere_mask,
 )
 from NoduleDetectionLib.train_run import load_config, run_training, settings_from_config
+from scipy import ndimage
 
 SHORT = {
     "seed": 0,

@@ -2,9 +2,11 @@
 
 The GPU machine takes a repository copy of at most 64 MiB and no ``../shared``, and SimpleITK travels as an
 archive (about 28 MB), so the training host LIDC-IDRI-0002 travels at half its in-plane resolution (2×2 block
-mean: 1.36 × 1.36 × 1.25 mm, its lung slices only, 17 MB). Each config is the balanced recipe
+mean: 1.36 × 1.36 × 1.25 mm, its lung slices only, 17 MB; with the repository's own files the copy is now just over
+64 MiB, so session 10 moved two large tracked files out of the working tree for the call and restored them with
+``git checkout``). Each config is the balanced recipe
 (``Resources/Training/balanced_lesions.json``) for stage 1 only (2000 steps in rounds 1-2, 3000 in round 3, 1800
-in rounds 4-6: ``ROUNDS``; one stage 2 step), with lesions
+in rounds 4-8: ``ROUNDS``; one stage 2 step), with lesions
 inserted into that host for training (seed 1) and validation (seed 3000, two copies of 25: the same host,
 other lesions); the variants change one setting each, or several::
 
@@ -21,7 +23,7 @@ in stage 1 only). ``graft`` puts a variant's stage 1 in front of another model's
         Resources/Models/nodule_detector.safetensors J.safetensors
     nodule-detection calibrate valdata2000 -o cal_J --model J.safetensors
 
-The figures are in ``Resources/Models/MODEL_CARD.md`` ("Session 6", "Session 8").
+The figures are in ``Resources/Models/MODEL_CARD.md`` ("Session 6", "Session 8", "Session 9", "Session 10").
 """
 
 from __future__ import annotations
