@@ -25,10 +25,11 @@ from NoduleDetectionLib.detect import Detector  # noqa: E402
 from NoduleDetectionLib.lesions import POSITIONS  # noqa: E402
 from NoduleDetectionLib.models import NoduleModel  # noqa: E402
 from NoduleDetectionLib.preprocess import prepare  # noqa: E402
+from NoduleDetectionLib.train import SMALL_LESION_MM  # noqa: E402
 from NoduleDetectionLib.train_run import cases_from_source, load_config  # noqa: E402
 
 #: Size bands (mm): under 6, 6-10, 10 and over (an inserted lesion's measured diameter may fall just under 3 mm).
-BAND_EDGES_MM = (6.0, 10.0)
+BAND_EDGES_MM = (SMALL_LESION_MM, 10.0)
 BAND_NAMES = ("< 6 mm", "6-10 mm", "≥ 10 mm")
 #: Half-size (working-grid voxels) of the box around a lesion's centre searched for stage 1's highest probability.
 SEARCH_VOXELS = 3

@@ -229,8 +229,7 @@ def prepare_case(case: TrainingCase, model: NoduleModel, min_target_mm: float = 
     if small:
         ring = sphere_mask(prep.image.shape, prep.geometry, small) & ~target
         if ignore_dense:
-            lo, hi = config.hu_window
-            dense = ring & (prep.image > (DENSE_HOST_HU - lo) / (hi - lo))
+            dense = ring & (prep.image > float(normalize_hu(np.float32(DENSE_HOST_HU), *config.hu_window)))
             ring &= ~dense
         target = target | ring
     weight = np.ones(prep.image.shape, np.float32)

@@ -81,6 +81,11 @@ FINE_TUNE_SETTINGS = ("blob_candidates",)
 VALIDATION_SEED_BASE = 1000
 
 
+def _is_number(value: object) -> bool:
+    """An int or float from JSON (not a bool, which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def load_config(path: str | os.PathLike) -> dict:
     """Read and check a training config (JSON); raise ``InputError`` with a one-line reason."""
     path = Path(path)
@@ -106,10 +111,10 @@ def load_config(path: str | os.PathLike) -> dict:
                 raise InputError(f"insert.distractors must be a whole number of tubes per copy, got "
                                  f"{ins['distractors']!r}")
     weight = config.get("small_attached_weight", 1)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+    if not (_is_number(weight) and weight > 0):
         raise InputError(f"small_attached_weight must be a number above 0, got {weight!r}")
     elastic = config.get("elastic_mm", 0)
-    if isinstance(elastic, bool) or not isinstance(elastic, (int, float)) or not 0 <= elastic <= 10:
+    if not (_is_number(elastic) and 0 <= elastic <= 10):
         raise InputError(f"elastic_mm must be a displacement of 0 to 10 mm, got {elastic!r}")
     stages = config.get("init_stages", list(STAGES))
     if not isinstance(stages, list) or not set(stages) <= set(STAGES):
