@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from NoduleDetectionLib.blobs import blob_outline, find_blobs, symmetric_eigenvalues
+from NoduleDetectionLib.blobs import blob_outline, find_blobs, region_dotness, symmetric_eigenvalues, white_tophat
 from NoduleDetectionLib.detect import Detector
 from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.preprocess import prepare
@@ -77,6 +77,18 @@ def test_outline_covers_the_nodule_not_the_wall(lung_scene):
     assert not blob_outline(blobs, n, geometry, ~only_peak)[1].any()  # its peak taken: no outline
 
 
+def test_region_dotness_rates_both_nodules_above_the_vessel_and_the_wall(lung_scene):
+    image, lung, geometry, nodules = lung_scene
+    regions = np.zeros(image.shape, np.int32)
+    for n, centre in enumerate(nodules, start=1):
+        regions[_ball(image.shape, np.full(3, 1.5), centre, 3.0)] = n
+    regions[8:32, 28:33, 40:45] = 3  # a stretch of the vessel (along k at j = 30, i = 42)
+    regions[8:32, 36:46, 57:63] = 4  # lung and wall on both sides of the pleura, away from the nodules
+    dot = region_dotness(white_tophat(image, geometry), geometry, regions, np.array([1, 2, 3, 4]))
+    assert dot.shape == (4,) and min(dot[:2]) > 3 * max(dot[2:]), dot
+    assert region_dotness(white_tophat(image, geometry), geometry, regions, np.array([], int)).shape == (0,)
+
+
 def test_detector_adds_blob_candidates_outside_stage1_regions(tiny_model_path):
     phantom = make_phantom(np.random.default_rng(11), n_nodules=2, diameters_mm=(6.0, 10.0), n_vessels=4)
     detector = Detector.load(tiny_model_path, device="cpu")
@@ -102,5 +114,14 @@ def test_detector_adds_blob_candidates_outside_stage1_regions(tiny_model_path):
         assert [n.center_lps for n in first.nodules] == [n.center_lps for n in again.nodules]
         assert np.array_equal(first.label_map, again.label_map)
         assert set(np.unique(first.label_map)) == set(range(len(first.nodules) + 1))
+        # Weighing the shape lowers probabilities (never raises them) and finds the same regions at threshold 0.
+        detector.config.stage1.dot_weight = 1.0
+        shaped = detector.detect(phantom.volume, threshold=0.0)
+        assert "shape" in shaped.timings and len(shaped.nodules) == len(first.nodules)
+        before = {tuple(np.round(n.center_lps, 3)): n.probability for n in first.nodules}
+        for n in shaped.nodules:
+            assert n.probability <= before[tuple(np.round(n.center_lps, 3))] + 1e-6
+        assert any(n.probability < before[tuple(np.round(n.center_lps, 3))] for n in shaped.nodules)
     finally:
         detector.config.stage1.blob_candidates = 0
+        detector.config.stage1.dot_weight = 0.0

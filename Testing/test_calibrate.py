@@ -1,4 +1,4 @@
-"""``calibrate``: the choice of candidate threshold, stage weight and default threshold, and the command."""
+"""``calibrate``: the choice of candidate threshold, stage and shape weights and default threshold, and the command."""
 
 import json
 
@@ -15,11 +15,13 @@ FINDINGS = [Finding("a", (0.0, 0.0, 0.0), 10.0, "nodule"), Finding("b", (0.0, 0.
 
 
 def _scores(rows):
-    """ValidationScores from rows (scan, x, stage 1 probability, stage 2 probability, [stage 1 logit]); y = z = 0."""
+    """ValidationScores from rows (scan, x, stage 1 probability, stage 2 probability, [stage 1 logit, [dot filter
+    value]]); y = z = 0; the dot filter value is 1 unless given."""
     p1 = np.array([r[2] for r in rows], float)
     logit = np.array([r[4] if len(r) > 4 else np.log(r[2] / (1 - r[2])) for r in rows], float)
+    dot = np.array([r[5] if len(r) > 5 else 1.0 for r in rows], float)
     return ValidationScores([r[0] for r in rows], np.array([[r[1], 0.0, 0.0] for r in rows]), p1, logit,
-                            np.array([r[3] for r in rows], float))
+                            np.array([r[3] for r in rows], float), dot)
 
 
 def test_operating_point_prefers_the_candidate_threshold_and_weight_that_find_more():
@@ -30,8 +32,8 @@ def test_operating_point_prefers_the_candidate_threshold_and_weight_that_find_mo
     point = choose_operating_point(FINDINGS, {0.3: high, 0.1: low}, ["a", "b"], fp_per_scan=0.5)
     assert (point.candidate_threshold, point.temperature, point.weight) == (0.1, None, 1.0)
     assert point.cpm == pytest.approx(1.0)
-    assert point.grid[(0.3, None, 1.0)][0] == pytest.approx(0.5)  # one of two nodules, never more
-    assert point.grid[(0.1, None, 0.0)][0] < point.grid[(0.1, None, 1.0)][0]  # stage 1 alone ranks the FP first
+    assert point.grid[(0.3, None, 1.0, 0.0)][0] == pytest.approx(0.5)  # one of two nodules, never more
+    assert point.grid[(0.1, None, 0.0, 0.0)][0] < point.grid[(0.1, None, 1.0, 0.0)][0]  # stage 1 alone: FP first
     # One false positive is allowed on 2 scans at 0.5 FP/scan: the lowest threshold keeps all; clipped at 0.3.
     assert point.threshold == pytest.approx(0.3)
 
@@ -40,6 +42,20 @@ def test_operating_point_ties_go_to_fewer_candidates_then_more_stage2():
     same = _scores([("a", 0.0, 0.9, 0.9), ("b", 0.0, 0.8, 0.8)])
     point = choose_operating_point(FINDINGS, {0.1: same, 0.2: same}, ["a", "b"], fp_per_scan=0.5)
     assert (point.candidate_threshold, point.temperature, point.weight) == (0.2, None, 1.0)
+
+
+def test_shape_weight_ranks_a_ball_above_a_brighter_tube():
+    # Scan b: a vessel branch (dot filter 0.01) that both stages score above the nodule (dot filter 0.1). Without
+    # the shape, the false positive comes first; with weight 1 the nodule's 0.6 * 0.525 beats the vessel's
+    # 0.8 * 0.075; weight 0.5 already does, and ties go to the smaller weight.
+    rows = [("a", 0.0, 0.9, 0.9, 2.2, 0.1), ("b", 50.0, 0.8, 0.8, 1.4, 0.01), ("b", 0.0, 0.6, 0.6, 0.4, 0.1)]
+    point = choose_operating_point(FINDINGS, {0.2: _scores(rows)}, ["a", "b"], fp_per_scan=0.5, weights=(0.0,),
+                                   dot_weights=(0.0, 0.5, 1.0))
+    assert point.grid[(0.2, None, 0.0, 0.0)][0] < 1.0
+    assert point.grid[(0.2, None, 0.0, 1.0)][0] == pytest.approx(1.0)
+    assert (point.dot_weight, point.cpm) == (0.5, pytest.approx(1.0))
+    masses = _scores([("a", 0.0, 1.0, 1.0, np.inf, np.inf)])  # a mass keeps probability 1 whatever the weight
+    assert masses.candidates(0.5, 8.0, dot_weight=1.0)[0].probability == 1.0
 
 
 def test_score_temperature_separates_saturated_probabilities():
@@ -52,13 +68,13 @@ def test_score_temperature_separates_saturated_probabilities():
              enumerate([("a", 25.0), ("a", 22.0), ("b", 21.0), ("b", 20.0)])]
     point = choose_operating_point(FINDINGS, {0.2: _scores(rows)}, ["a", "b"], fp_per_scan=0.5, weights=(0.0,),
                                    temperatures=(None, 1.0, 8.0, 16.0))
-    assert point.grid[(0.2, None, 0.0)][2] > 0.5  # saturated: the threshold cannot drop the false positives
+    assert point.grid[(0.2, None, 0.0, 0.0)][2] > 0.5  # saturated: the threshold cannot drop the false positives
     assert point.temperature in (8.0, 16.0) and point.cpm == pytest.approx(1.0)
     assert point.temperature == 8.0  # ties: the lowest temperature that keeps to the FP target
     # With T = 8 the one false positive allowed (2 scans x 0.5) is the 25-logit one: the threshold sits just
     # above the next, sigmoid(22 / 8).
     assert point.threshold == pytest.approx(1 / (1 + np.exp(-22 / 8)), abs=1e-6)
-    assert point.grid[(0.2, 8.0, 0.0)][2] <= 0.5
+    assert point.grid[(0.2, 8.0, 0.0, 0.0)][2] <= 0.5
 
 
 def _phantom_folder(root, n_scans=2):
@@ -76,11 +92,13 @@ def test_calibrate_command_writes_a_model_with_the_chosen_values(tmp_path, tiny_
     data = _phantom_folder(tmp_path / "data")
     out = tmp_path / "cal"
     assert main(["calibrate", str(data), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu",
-                 "--candidate-thresholds", "0.1", "0.5", "--weights", "0", "1"]) == 0
+                 "--candidate-thresholds", "0.1", "0.5", "--weights", "0", "1", "--shape-weights", "0", "1",
+                 "--blob-candidates", "3"]) == 0
     record = json.loads((out / "calibration.json").read_text())
     tried = record["tried"]
-    assert {(r["candidate_threshold"], r["stage2_weight"]) for r in tried} == {(0.1, 0), (0.1, 1), (0.5, 0), (0.5, 1)}
-    assert len(tried) == 4 * 6  # and every default score temperature
+    assert {(r["candidate_threshold"], r["stage2_weight"], r["dot_weight"]) for r in tried} == {
+        (t, w, a) for t in (0.1, 0.5) for w in (0, 1) for a in (0, 1)}
+    assert len(tried) == 8 * 6  # and every default score temperature
     chosen = record["chosen"]
     assert chosen["cpm"] == max(r["cpm"] for r in tried)
     model = NoduleModel.load(out / "model.safetensors")
@@ -88,6 +106,8 @@ def test_calibrate_command_writes_a_model_with_the_chosen_values(tmp_path, tiny_
     assert model.config.stage1.candidate_threshold == chosen["candidate_threshold"]
     assert model.config.stage2.weight == chosen["stage2_weight"]
     assert model.config.stage1.score_temperature == chosen["score_temperature"]
+    assert model.config.stage1.dot_weight == chosen["dot_weight"]
+    assert model.config.stage1.blob_candidates == chosen["blob_candidates"] == 3
     assert model.config.threshold == pytest.approx(chosen["threshold"])
     assert model.config.card["calibration"]["nodules"] == 4
     assert model.config.card["name"] == original.config.card["name"]  # the rest of the card is kept
@@ -112,6 +132,8 @@ def test_calibrate_command_writes_a_model_with_the_chosen_values(tmp_path, tiny_
 @pytest.mark.parametrize("args, message", [
     (["--candidate-thresholds", "1.5"], "between 0 and 1"),
     (["--fp-per-scan", "0"], "positive"),
+    (["--shape-weights", "-1"], "between 0 and 4"),
+    (["--blob-candidates", "-2"], "between 0 and 1000"),
 ])
 def test_calibrate_bad_values_are_one_line_errors(tmp_path, tiny_model_path, capsys, args, message):
     data = _phantom_folder(tmp_path / "data", n_scans=1)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from NoduleDetectionLib.detect import Cancelled, Detector, fuse_scores
+from NoduleDetectionLib.detect import DOT_FLOOR, DOT_FULL, Cancelled, Detector, fuse_scores, shape_prior
 from NoduleDetectionLib.errors import NoduleDetectionError
 from NoduleDetectionLib.synthetic import make_phantom
 
@@ -75,6 +75,16 @@ def test_fuse_scores():
     np.testing.assert_allclose(fuse_scores(s1, s2, 1.0), s2)
     np.testing.assert_allclose(fuse_scores(s1, s2, 0.0), s1)
     np.testing.assert_allclose(fuse_scores(s1, s2, 0.5), [np.sqrt(0.5), 0.5, 0.0], rtol=1e-6)
+
+
+def test_shape_prior_keeps_balls_and_lowers_the_rest():
+    p = np.array([0.9, 0.9, 0.5, 1.0], np.float32)
+    dot = np.array([DOT_FULL, 0.0, 0.05, np.inf])  # a ball, a tube (no dot response), something between, a mass
+    assert shape_prior(p, dot, 0.0) is p
+    np.testing.assert_allclose(shape_prior(p, dot, 1.0),
+                               [0.9, 0.9 * DOT_FLOOR / DOT_FULL, 0.5 * (0.05 + DOT_FLOOR) / DOT_FULL, 1.0], rtol=1e-6)
+    half = shape_prior(p, dot, 0.5)
+    assert np.all(shape_prior(p, dot, 1.0) <= half) and np.all(half <= p + 1e-7)
 
 
 def test_stage1_score_by_logit_through_a_temperature(tiny_model_path):

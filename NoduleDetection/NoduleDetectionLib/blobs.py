@@ -11,6 +11,10 @@ lungs for stage 2 to judge (``Stage1Config.blob_candidates`` per scan, strongest
    eigenvalues ``λ1 ≤ λ2 ≤ λ3`` of the scale-normalised Hessian are all negative, ``λ3² / |λ1|``: high at the centre
    of a sphere of radius about ``σ√3``, low on a vessel (``λ3 ≈ 0`` along it) or a fissure; the highest over scales;
 3. local maxima (over ``PEAK_SPACING_MM``) inside the lung mask and outside the regions already proposed.
+
+The same dot filter also rates every candidate's shape (``region_dotness``): a compact ball keeps a high value, a
+vessel, a branch point or a fissure a low one. ``Stage1Config.dot_weight`` scales a finding's
+probability by it (``detect.shape_prior``; ``calibrate`` chooses the weight).
 """
 
 from __future__ import annotations
@@ -97,13 +101,32 @@ def dot_filter(image: np.ndarray, spacing_kji: np.ndarray, where: np.ndarray,
     return out
 
 
-def find_blobs(image: np.ndarray, lung: np.ndarray, geometry: Geometry, count: int,
-               exclude: np.ndarray | None = None) -> Blobs:
-    """The ``count`` strongest blob proposals of a normalised working-grid image ``[k, j, i]`` inside ``lung``
-    and outside ``exclude`` (both ``bool [k, j, i]``); ``geometry``: the working grid's (LPS)."""
-    spacing_kji = np.array(geometry.spacing, float)[::-1]
+def white_tophat(image: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """``image`` ``[k, j, i]`` (working grid, ``geometry``) minus its grey opening by a cube of ``TOPHAT_SIZE_MM``:
+    what is narrower than the cube; ``float32``."""
     img = image.astype(np.float32, copy=False)
-    tophat = img - ndimage.grey_opening(img, size=_odd_voxels(TOPHAT_SIZE_MM, spacing_kji))
+    spacing_kji = np.array(geometry.spacing, float)[::-1]
+    return img - ndimage.grey_opening(img, size=_odd_voxels(TOPHAT_SIZE_MM, spacing_kji))
+
+
+def region_dotness(tophat: np.ndarray, geometry: Geometry, regions: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The highest dot filter value (``dot_filter`` of the top-hat image ``white_tophat``) in each region ``ids``
+    of the label map ``regions`` ``int [k, j, i]`` (working grid, ``geometry``); ``float64 (len(ids),)``."""
+    ids = np.asarray(ids, int).reshape(-1)
+    if ids.size == 0:
+        return np.zeros(0)
+    spacing_kji = np.array(geometry.spacing, float)[::-1]
+    dot = dot_filter(tophat, spacing_kji, np.isin(regions, ids))
+    return np.asarray(ndimage.maximum(dot, regions, ids), float).reshape(-1)
+
+
+def find_blobs(image: np.ndarray, lung: np.ndarray, geometry: Geometry, count: int,
+               exclude: np.ndarray | None = None, tophat: np.ndarray | None = None) -> Blobs:
+    """The ``count`` strongest blob proposals of a normalised working-grid image ``[k, j, i]`` inside ``lung``
+    and outside ``exclude`` (both ``bool [k, j, i]``); ``geometry``: the working grid's (LPS). ``tophat``: the
+    image's ``white_tophat``, if already computed."""
+    spacing_kji = np.array(geometry.spacing, float)[::-1]
+    tophat = white_tophat(image, geometry) if tophat is None else tophat
     where = lung & (tophat >= MIN_TOPHAT)
     if exclude is not None:
         where &= ~exclude

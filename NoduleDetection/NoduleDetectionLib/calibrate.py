@@ -1,22 +1,23 @@
 """Choosing a model's operating point on annotated scans, without changing its networks.
 
-Four numbers of a model decide what the detector reports, besides its weights: stage 1's candidate threshold
+Five numbers of a model decide what the detector reports, besides its weights: stage 1's candidate threshold
 (``Stage1Config.candidate_threshold``: a lower one proposes fainter regions), how stage 1 scores a candidate
 (``Stage1Config.score_temperature``: its highest probability, or its highest logit through a temperature, which
 keeps candidates apart where the probability saturates at 1), the weight of stage 2 against stage 1 in a
-finding's probability (``Stage2Config.weight``, see ``detect.fuse_scores``) and the default reporting threshold
-(``ModelConfig.threshold``). Training picks the weight and the threshold on its validation cases
-(``Trainer.choose_threshold``); ``calibrate`` picks all four afresh on a data set of annotated scans (real
+finding's probability (``Stage2Config.weight``, see ``detect.fuse_scores``), the weight of the candidate's shape
+(``Stage1Config.dot_weight``, see ``detect.shape_prior``) and the default reporting threshold
+(``ModelConfig.threshold``). Training picks the stage 2 weight and the threshold on its validation cases
+(``Trainer.choose_threshold``); ``calibrate`` picks all five afresh on a data set of annotated scans (real
 nodules, or lesions inserted by ``make-lesion-dataset``) and writes a copy of the model with them:
 
 1. per scan, stage 1 runs once; its candidates are taken at each candidate threshold tried, with masses
-   as ``Detector.detect`` finds them, and stage 2 scores them (``scan_scores``);
-2. every (candidate threshold, score temperature, stage weight) triple is scored by the CPM of the project's
-   LUNA16 evaluator, and its default threshold is the lowest probability with at most ``fp_per_scan`` false
-   positives per scan on the same scans (``choose_threshold``, clipped to 0.3-0.98);
-3. the best CPM wins; ties go to a triple whose clipped threshold still keeps to ``fp_per_scan``, then to the
-   higher candidate threshold, the larger weight, and the highest-probability score (no temperature), then
-   the lowest temperature (``choose_operating_point``).
+   as ``Detector.detect`` finds them, stage 2 scores them and the dot filter rates their shape (``scan_scores``);
+2. every (candidate threshold, score temperature, stage weight, shape weight) setting is scored by the CPM of the
+   project's LUNA16 evaluator, and its default threshold is the lowest probability with at most ``fp_per_scan``
+   false positives per scan on the same scans (``choose_threshold``, clipped to 0.3-0.98);
+3. the best CPM wins; ties go to a setting whose clipped threshold still keeps to ``fp_per_scan``, then to the
+   higher candidate threshold, the larger weight, the highest-probability score (no temperature), the lowest
+   temperature, then the smallest shape weight (``choose_operating_point``).
 
 The scans used here become part of the model's tuning: report a model's accuracy on other scans.
 """
@@ -35,8 +36,9 @@ import numpy as np
 from scipy import ndimage
 
 from .atomic import check_writable, write_text_atomic
+from .blobs import region_dotness, white_tophat
 from .datasets import Dataset, Finding
-from .detect import Detector, fuse_scores, logit_score
+from .detect import Detector, fuse_scores, logit_score, shape_prior
 from .errors import InputError
 from .evaluate import Candidate, evaluate
 from .preprocess import Prepared, prepare
@@ -50,51 +52,61 @@ STAGE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CANDIDATE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
 #: Stage 1 score temperatures (``Stage1Config.score_temperature``) ``calibrate`` tries by default.
 SCORE_TEMPERATURES = (None, 1.0, 2.0, 4.0, 8.0, 16.0)
+#: Shape weights (``Stage1Config.dot_weight``) ``calibrate`` tries by default.
+DOT_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass
 class ValidationScores:
     """Candidates of annotated scans: scan name, centre (LPS mm), stage 1 highest probability and highest logit
-    in the candidate's region, stage 2 probability."""
+    in the candidate's region, stage 2 probability, the region's dot filter value (``blobs.region_dotness``;
+    infinite for a mass, which keeps probability 1)."""
 
     scans: list[str]
     centers: np.ndarray
     stage1: np.ndarray
     stage1_logit: np.ndarray
     stage2: np.ndarray
+    dot: np.ndarray
 
-    def candidates(self, weight: float | None, temperature: float | None = None) -> list[Candidate]:
+    def candidates(self, weight: float | None, temperature: float | None = None,
+                   dot_weight: float = 0.0) -> list[Candidate]:
         """As evaluation candidates scored by stage 1 alone (``weight`` ``None``) or ``fuse_scores`` with
-        ``weight``; stage 1's score is its highest probability, or ``sigmoid(logit / temperature)``."""
+        ``weight``; stage 1's score is its highest probability, or ``sigmoid(logit / temperature)``; then
+        ``shape_prior`` with ``dot_weight``."""
         s1 = self.stage1 if temperature is None else logit_score(self.stage1_logit, temperature)
-        p = s1 if weight is None else fuse_scores(s1, self.stage2, weight)
+        p = shape_prior(s1 if weight is None else fuse_scores(s1, self.stage2, weight), self.dot, dot_weight)
         return [Candidate(s, tuple(map(float, xyz)), float(v)) for s, xyz, v in zip(self.scans, self.centers, p)]
 
     @classmethod
     def concat(cls, parts: Sequence[ValidationScores]) -> ValidationScores:
         """One table of several scans' scores."""
         if not parts:
-            return cls([], np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros(0))
-        return cls([s for p in parts for s in p.scans], *(np.concatenate([getattr(p, name) for p in parts])
-                                                          for name in ("centers", "stage1", "stage1_logit", "stage2")))
+            return cls([], np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0))
+        return cls([s for p in parts for s in p.scans],
+                   *(np.concatenate([getattr(p, name) for p in parts])
+                     for name in ("centers", "stage1", "stage1_logit", "stage2", "dot")))
 
 
 def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared, thresholds: Sequence[float],
-                use_stage2: bool = True, with_masses: bool = False) -> dict[float, ValidationScores]:
+                use_stage2: bool = True, with_masses: bool = False,
+                with_dot: bool = False) -> dict[float, ValidationScores]:
     """One scan's candidates and scores at each stage 1 candidate threshold (stage 1 runs once).
 
     The candidates are ``Detector.detect``'s: stage 1 regions, then blob-filter proposals outside them (when the
     model has ``blob_candidates``). ``volume``: the scan in HU; ``prep``: ``preprocess.prepare`` of it at the
     model's spacing. Stage 2 probabilities are zeros unless ``use_stage2``. ``with_masses``: add the masses
     ``Detector.detect`` would report (scored 1 by both stages) and drop the candidates centred in them, as
-    ``detect`` does.
+    ``detect`` does. Dot filter values are ones unless ``with_dot``.
     """
     prob, logit = detector.stage1_maps(prep.image, logits=True)
+    tophat = (white_tophat(prep.image, prep.geometry)
+              if with_dot or detector.config.stage1.blob_candidates > 0 else None)
     out = {}
     for t in thresholds:
         p = prob.copy() if with_masses else prob  # ``Detector.masses`` writes into its map
         cands, regions = detector.candidates(p, prep.lung, prep.geometry, threshold=t, logit=logit)
-        cands += detector.blob_candidates(prep, p, regions, logit)
+        cands += detector.blob_candidates(prep, p, regions, logit, tophat)
         ids = [c.region for c in cands]  # each region's highest probability and logit, before masses are marked
         best = {name: dict(zip(ids, np.asarray(ndimage.maximum(m, regions, ids), float).reshape(-1)))
                 for name, m in (("prob", p), ("logit", logit))}
@@ -103,6 +115,7 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
         ids = [c.region for c in cands]
         xyz = np.array([c.center_lps for c in cands]).reshape(-1, 3)
         s2 = detector.classify(volume, xyz) if use_stage2 else np.zeros(len(cands), np.float32)
+        dot = region_dotness(tophat, prep.geometry, regions, ids) if with_dot else np.ones(len(cands))
         ones = np.ones(len(masses))
         out[t] = ValidationScores(
             [name] * (len(cands) + len(masses)),
@@ -110,6 +123,7 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
             np.concatenate([[best["prob"][i] for i in ids], ones]),
             np.concatenate([[best["logit"][i] for i in ids], ones * np.inf]),
             np.concatenate([s2.astype(float), ones]),
+            np.concatenate([dot, ones * np.inf]),
         )
     return out
 
@@ -126,21 +140,24 @@ def choose_threshold(findings: Sequence[Finding], candidates: Sequence[Candidate
 
 @dataclass
 class OperatingPoint:
-    """What ``choose_operating_point`` chose, and what every triple it tried gave: ``grid[(t, T, w)]`` = (CPM,
+    """What ``choose_operating_point`` chose, and what every setting it tried gave: ``grid[(t, T, w, a)]`` = (CPM,
     default threshold, false positives per scan at that threshold)."""
 
     candidate_threshold: float
     temperature: float | None
     weight: float
+    dot_weight: float
     threshold: float
     cpm: float
-    grid: dict[tuple[float, float | None, float], tuple[float, float, float]]
+    grid: dict[tuple[float, float | None, float, float], tuple[float, float, float]]
 
 
 def choose_operating_point(findings: Sequence[Finding], scores: dict[float, ValidationScores], scans: Sequence[str],
                            fp_per_scan: float, weights: Sequence[float] = STAGE_WEIGHTS,
-                           temperatures: Sequence[float | None] = (None,)) -> OperatingPoint:
-    """The (candidate threshold, score temperature, stage weight) triple of best CPM and its default threshold.
+                           temperatures: Sequence[float | None] = (None,),
+                           dot_weights: Sequence[float] = (0.0,)) -> OperatingPoint:
+    """The (candidate threshold, score temperature, stage weight, shape weight) setting of best CPM and its default
+    threshold.
 
     ``scores``: candidates per candidate threshold (``scan_scores``, all scans). Ties: see the module docs.
     """
@@ -148,37 +165,40 @@ def choose_operating_point(findings: Sequence[Finding], scores: dict[float, Vali
     for t, s in scores.items():
         for temp in temperatures:
             for w in weights:
-                cands = s.candidates(w, temp)
-                result = evaluate(findings, cands, scans, n_bootstrap=0)
-                threshold = choose_threshold(findings, cands, scans, fp_per_scan)
-                fps = float((result.matching.fp_probability >= threshold).sum()) / len(scans)
-                grid[(t, temp, w)] = (result.cpm, threshold, fps)
+                for a in dot_weights:
+                    cands = s.candidates(w, temp, a)
+                    result = evaluate(findings, cands, scans, n_bootstrap=0)
+                    threshold = choose_threshold(findings, cands, scans, fp_per_scan)
+                    fps = float((result.matching.fp_probability >= threshold).sum()) / len(scans)
+                    grid[(t, temp, w, a)] = (result.cpm, threshold, fps)
 
     def preference(key):
-        t, temp, w = key
+        t, temp, w, a = key
         cpm, _, fps = grid[key]
-        return round(cpm, 6), fps <= fp_per_scan, t, w, temp is None, -(temp or 0.0)
+        return round(cpm, 6), fps <= fp_per_scan, t, w, temp is None, -(temp or 0.0), -a
 
-    t, temp, w = max(grid, key=preference)
-    cpm, threshold, fps = grid[(t, temp, w)]
-    log.info("chosen: candidate threshold %g, score temperature %s, stage 2 weight %g: CPM %.3f; threshold %.3f "
-             "(%.2f FP/scan)", t, temp, w, cpm, threshold, fps)
-    return OperatingPoint(float(t), temp, float(w), threshold, cpm, grid)
+    t, temp, w, a = max(grid, key=preference)
+    cpm, threshold, fps = grid[(t, temp, w, a)]
+    log.info("chosen: candidate threshold %g, score temperature %s, stage 2 weight %g, shape weight %g: CPM %.3f; "
+             "threshold %.3f (%.2f FP/scan)", t, temp, w, a, cpm, threshold, fps)
+    return OperatingPoint(float(t), temp, float(w), float(a), threshold, cpm, grid)
 
 
 def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str | os.PathLike | None = None,
               scans: Sequence[str] | None = None, candidate_thresholds: Sequence[float] | None = None,
               weights: Sequence[float] | None = None, temperatures: Sequence[float | None] | None = None,
+              dot_weights: Sequence[float] | None = None, blob_candidates: int | None = None,
               fp_per_scan: float = 0.5, device: str = "auto",
               overwrite: bool = False, progress: Callable[[str, float], None] | None = None) -> dict[str, Path]:
     """Choose ``model``'s operating point on the annotated scans of ``dataset`` (see the module docs).
 
-    ``dataset``: a LUNA16 or shared-layout folder (``datasets``); ``scans`` restricts it. The pairs tried are
+    ``dataset``: a LUNA16 or shared-layout folder (``datasets``); ``scans`` restricts it. The settings tried are
     ``candidate_thresholds`` (default ``CANDIDATE_THRESHOLDS``) × ``temperatures`` (default ``SCORE_TEMPERATURES``;
-    ``None``: score by the highest probability) × ``weights`` (default ``STAGE_WEIGHTS``). Writes
-    ``model.safetensors`` (the model with the chosen candidate threshold, stage weight and threshold, and a
-    ``calibration`` entry in its card), ``calibration.json`` and ``calibration.md`` into ``outdir``; returns
-    their paths. ``progress(scan name, fraction done)``.
+    ``None``: score by the highest probability) × ``weights`` (default ``STAGE_WEIGHTS``) × ``dot_weights``
+    (default ``DOT_WEIGHTS``). ``blob_candidates``: set the model's number of blob-filter proposals per scan first
+    (default: keep it). Writes ``model.safetensors`` (the model with the chosen values and a ``calibration`` entry
+    in its card), ``calibration.json`` and ``calibration.md`` into ``outdir``; returns their paths.
+    ``progress(scan name, fraction done)``.
     """
     from .io import read_ct
 
@@ -189,6 +209,11 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     temperatures = SCORE_TEMPERATURES if temperatures is None else temperatures
     if any(x is not None and x <= 0 for x in temperatures):
         raise InputError(f"score temperatures must be positive, got {list(temperatures)}")
+    dot_weights = DOT_WEIGHTS if dot_weights is None else dot_weights
+    if not dot_weights or any(not 0.0 <= float(a) <= 4.0 for a in dot_weights):
+        raise InputError(f"shape weights must be between 0 and 4, got {list(dot_weights)}")
+    if blob_candidates is not None and not 0 <= blob_candidates <= 1000:
+        raise InputError(f"--blob-candidates must be between 0 and 1000, got {blob_candidates}")
     for t in list(candidate_thresholds) + list(weights):
         if not 0.0 <= float(t) <= 1.0:
             raise InputError(f"candidate thresholds and stage 2 weights must be between 0 and 1, got {t}")
@@ -204,6 +229,13 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
         check_writable(p, overwrite)
     detector = Detector.load(model, device)
     cfg = detector.config
+    before = {"candidate_threshold": cfg.stage1.candidate_threshold,
+              "score_temperature": cfg.stage1.score_temperature, "stage2_weight": cfg.stage2.weight,
+              "dot_weight": cfg.stage1.dot_weight, "blob_candidates": cfg.stage1.blob_candidates,
+              "threshold": cfg.threshold}
+    if blob_candidates is not None:
+        cfg.stage1.blob_candidates = int(blob_candidates)
+    with_dot = any(float(a) > 0 for a in dot_weights)
     thresholds = sorted({float(t) for t in candidate_thresholds})
     t0 = time.perf_counter()
     parts: dict[float, list[ValidationScores]] = {t: [] for t in thresholds}
@@ -212,29 +244,29 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
             progress(scan.name, n / len(ds.scans))
         volume = read_ct(scan.path, series_uid=scan.seriesuid if scan.path.is_dir() else None)
         prep = prepare(volume, cfg.stage1.spacing_mm, cfg.hu_window)
-        for t, s in scan_scores(detector, scan.seriesuid, volume, prep, thresholds, with_masses=True).items():
+        for t, s in scan_scores(detector, scan.seriesuid, volume, prep, thresholds, with_masses=True,
+                                with_dot=with_dot).items():
             parts[t].append(s)
     if progress is not None:
         progress("done", 1.0)
     scores = {t: ValidationScores.concat(p) for t, p in parts.items()}
-    before = {"candidate_threshold": cfg.stage1.candidate_threshold,
-              "score_temperature": cfg.stage1.score_temperature, "stage2_weight": cfg.stage2.weight,
-              "threshold": cfg.threshold}
     point = choose_operating_point(ds.findings(), scores, ds.seriesuids, fp_per_scan, sorted(set(map(float, weights))),
-                                   list(temperatures))
+                                   list(temperatures), sorted(set(map(float, dot_weights))))
     cfg.stage1.candidate_threshold = point.candidate_threshold
     cfg.stage1.score_temperature = point.temperature
     cfg.stage2.weight = point.weight
+    cfg.stage1.dot_weight = point.dot_weight
     cfg.threshold = point.threshold
     record = {
         "dataset": str(ds.root), "scans": len(ds.scans),
         "nodules": sum(1 for f in ds.findings() if f.status == "nodule"),
         "model": str(model) if model else "shipped", "fp_per_scan": fp_per_scan, "before": before,
         "chosen": {"candidate_threshold": point.candidate_threshold, "score_temperature": point.temperature,
-                   "stage2_weight": point.weight, "threshold": point.threshold, "cpm": point.cpm},
-        "tried": [{"candidate_threshold": t, "score_temperature": temp, "stage2_weight": w, "cpm": cpm,
-                   "threshold": th, "fp_per_scan_at_threshold": fps}
-                  for (t, temp, w), (cpm, th, fps) in point.grid.items()],
+                   "stage2_weight": point.weight, "dot_weight": point.dot_weight,
+                   "blob_candidates": cfg.stage1.blob_candidates, "threshold": point.threshold, "cpm": point.cpm},
+        "tried": [{"candidate_threshold": t, "score_temperature": temp, "stage2_weight": w, "dot_weight": a,
+                   "cpm": cpm, "threshold": th, "fp_per_scan_at_threshold": fps}
+                  for (t, temp, w, a), (cpm, th, fps) in point.grid.items()],
         "seconds": round(time.perf_counter() - t0, 1),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -258,19 +290,22 @@ def calibration_markdown(record: dict) -> str:
         f"# Calibration on {record['dataset']}", "",
         f"Model: {record['model']}; {record['scans']} scans, {record['nodules']} nodules; {record['seconds']:.0f} s.",
         "", f"The {min(len(rows), 15)} best of {len(rows)} settings tried (all in calibration.json):", "",
-        "| candidate threshold | stage 1 score | stage 2 weight | CPM | default threshold | FP/scan there |",
-        "|---|---|---|---|---|---|",
+        "| candidate threshold | stage 1 score | stage 2 weight | shape weight | CPM | default threshold "
+        "| FP/scan there |",
+        "|---|---|---|---|---|---|---|",
     ]
+    keys = ("candidate_threshold", "score_temperature", "stage2_weight", "dot_weight")
     for r in rows[:15]:
-        mark = "**" if (r["candidate_threshold"], r["score_temperature"], r["stage2_weight"]) == (
-            chosen["candidate_threshold"], chosen["score_temperature"], chosen["stage2_weight"]) else ""
+        mark = "**" if all(r[k] == chosen[k] for k in keys) else ""
         lines.append(f"| {mark}{r['candidate_threshold']:g}{mark} | {temp(r['score_temperature'])} | "
-                     f"{r['stage2_weight']:g} | {r['cpm']:.3f} | {r['threshold']:.3f} | "
+                     f"{r['stage2_weight']:g} | {r['dot_weight']:g} | {r['cpm']:.3f} | {r['threshold']:.3f} | "
                      f"{r['fp_per_scan_at_threshold']:.2f} |")
     lines += [
         "", f"Chosen: candidate threshold {chosen['candidate_threshold']:g} (was {before['candidate_threshold']:g}), "
         f"stage 1 score {temp(chosen['score_temperature'])} (was {temp(before['score_temperature'])}), stage 2 weight "
-        f"{chosen['stage2_weight']:g} (was {before['stage2_weight']:g}), default threshold {chosen['threshold']:.3f} "
+        f"{chosen['stage2_weight']:g} (was {before['stage2_weight']:g}), shape weight {chosen['dot_weight']:g} (was "
+        f"{before['dot_weight']:g}), {chosen['blob_candidates']} blob-filter proposals per scan (was "
+        f"{before['blob_candidates']}), default threshold {chosen['threshold']:.3f} "
         f"(was {before['threshold']:.3f}; the lowest with at most {record['fp_per_scan']:g} false positives per scan "
         "here, within 0.3-0.98). These scans tuned the model: measure its accuracy on others.", "",
     ]

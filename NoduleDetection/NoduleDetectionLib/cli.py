@@ -230,8 +230,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         description=(
             "Run the model over every scan of DATASET (LUNA16 or shared layout, as for evaluate-detector), "
             "choose the stage 1 candidate threshold, the stage 1 score (highest probability, or highest logit "
-            "through a temperature of 1, 2, 4, 8 or 16) and the stage 2 weight with the best CPM, with the default "
-            "threshold (the lowest with at most FP false positives per scan), and write OUTDIR/model.safetensors "
+            "through a temperature of 1, 2, 4, 8 or 16), the stage 2 weight and the shape weight with the best CPM, "
+            "with the default threshold (the lowest with at most FP false positives per scan), and write "
+            "OUTDIR/model.safetensors "
             "(the same networks with these values), calibration.json and calibration.md. The networks are not "
             "changed; report the calibrated model's accuracy on other scans than DATASET's."
         ),
@@ -241,6 +242,10 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="stage 1 candidate thresholds to try (default 0.05 0.1 0.2 0.3)")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
                    help="stage 2 weights to try (default 0 0.25 0.5 0.75 1)")
+    p.add_argument("--shape-weights", type=float, nargs="+", default=None, metavar="A",
+                   help="weights of a candidate's shape (Hessian dot filter) to try (default 0 0.25 0.5 0.75 1)")
+    p.add_argument("--blob-candidates", type=int, default=None, metavar="N",
+                   help="blob-filter proposals per scan to add to stage 1's candidates (default: the model's)")
     p.add_argument("--fp-per-scan", type=float, default=0.5, metavar="FP",
                    help="false positives per scan allowed at the default threshold (default 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -264,7 +269,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     try:
         paths = calibrate(
             args.dataset, args.output, model=args.model, scans=read_scan_list(args.scans) if args.scans else None,
-            candidate_thresholds=args.candidate_thresholds, weights=args.weights, fp_per_scan=args.fp_per_scan,
+            candidate_thresholds=args.candidate_thresholds, weights=args.weights, dot_weights=args.shape_weights,
+            blob_candidates=args.blob_candidates, fp_per_scan=args.fp_per_scan,
             device=args.device, overwrite=args.overwrite, progress=progress,
         )
     finally:

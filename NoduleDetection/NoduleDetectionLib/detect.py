@@ -7,7 +7,9 @@ and the benchmark:
 2. stage 1, the U-net, gives a nodule probability map (tiled, so memory stays bounded);
 3. candidates are the connected regions of that map above ``candidate_threshold``, and the strongest
    ``blob_candidates`` spots of a classical blob filter outside them (``blobs``);
-4. stage 2, the multi-scale 3D CNN, scores a fine and a coarse patch around each candidate;
+4. stage 2, the multi-scale 3D CNN, scores a fine and a coarse patch around each candidate; a finding's
+   probability fuses both stages (``fuse_scores``) and, with ``dot_weight``, the shape of its region
+   (``shape_prior``: compact balls keep their probability, vessels and branch points lose some);
 5. the kept nodules are outlined on the input grid (stage 1 probability ≥ 0.5 inside the candidate's
    region), measured there (volume, equivalent-sphere diameter) and numbered by falling probability.
 """
@@ -27,7 +29,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from .blobs import blob_outline, find_blobs
+from .blobs import blob_outline, find_blobs, region_dotness, white_tophat
 from .errors import NoduleDetectionError
 from .geometry import Geometry
 from .io import validate_ct
@@ -41,6 +43,12 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, float], None]
 CancelCallback = Callable[[], bool]
+
+#: ``shape_prior``: dot filter values (``blobs.region_dotness``) from this up leave a probability unchanged; the
+#: largest seen on 1125 candidates of 200 inserted validation lesions was 0.13.
+DOT_FULL = 0.2
+#: ``shape_prior``: added to every dot filter value, so that a region with none (a plate, a tube) keeps a little.
+DOT_FLOOR = 0.005
 
 
 class Cancelled(NoduleDetectionError):
@@ -56,8 +64,8 @@ class Nodule:
         center_lps: centre in world LPS mm ``(x, y, z)``.
         diameter_mm: equivalent-sphere diameter of its outline in mm.
         volume_mm3: volume of its outline in mm³.
-        probability: probability that it is a nodule (0..1; ``fuse_scores`` of both stages); 1 for a mass found
-            by morphology (``masses.find_masses``).
+        probability: probability that it is a nodule (0..1; ``fuse_scores`` of both stages, then ``shape_prior``
+            when the model weighs the shape); 1 for a mass found by morphology (``masses.find_masses``).
         kind: ``"nodule"``, or ``"mass"`` when larger than the model's mass diameter (30 mm).
     """
 
@@ -111,6 +119,18 @@ def fuse_scores(stage1: np.ndarray, stage2: np.ndarray, weight: float) -> np.nda
     s1 = np.asarray(stage1, dtype=np.float64)
     s2 = np.asarray(stage2, dtype=np.float64)
     return (s1 ** (1.0 - weight) * s2**weight).astype(np.float32)
+
+
+def shape_prior(probability: np.ndarray, dotness: np.ndarray, weight: float) -> np.ndarray:
+    """A finding's probability scaled by its region's shape: ``p * min(1, (dot + DOT_FLOOR) / DOT_FULL) ** weight``.
+
+    ``dotness``: the highest Hessian dot filter value in the region (``blobs.region_dotness``; dimensionless, high
+    for a compact ball, low for a vessel, a branch point or a fissure); ``weight`` 0 returns ``probability`` itself.
+    """
+    if weight == 0:
+        return np.asarray(probability)
+    factor = np.minimum(1.0, (np.asarray(dotness, np.float64) + DOT_FLOOR) / DOT_FULL)
+    return np.asarray(probability, np.float64) * factor**weight
 
 
 def logit_score(max_logit: np.ndarray, temperature: float) -> np.ndarray:
@@ -311,18 +331,19 @@ class Detector:
         return cands, regions
 
     def blob_candidates(self, prep: Prepared, prob: np.ndarray, regions: np.ndarray,
-                        logit: np.ndarray | None = None) -> list[Candidate]:
+                        logit: np.ndarray | None = None, tophat: np.ndarray | None = None) -> list[Candidate]:
         """The model's ``blob_candidates`` strongest blob-filter proposals (``blobs.find_blobs``) of a prepared scan
         outside the regions of ``regions``, each outlined there as a new region (``regions`` changed in place).
 
         A proposal is scored by stage 1's output over its outline as ``candidates`` scores a region (``prob``,
-        or ``logit`` with the model's score temperature); its diameter is that of its outline.
+        or ``logit`` with the model's score temperature); its diameter is that of its outline. ``tophat``:
+        ``blobs.white_tophat`` of ``prep.image``, if already computed.
         """
         cfg = self.config.stage1
         if cfg.blob_candidates <= 0:
             return []
         free = regions == 0
-        blobs = find_blobs(prep.image, prep.lung, prep.geometry, cfg.blob_candidates, exclude=~free)
+        blobs = find_blobs(prep.image, prep.lung, prep.geometry, cfg.blob_candidates, exclude=~free, tophat=tophat)
         kept, counts = [], []
         region = int(regions.max())
         for n in range(len(blobs.kji)):
@@ -439,7 +460,10 @@ class Detector:
 
         t0 = time.perf_counter()
         step("blob filter", 0.0)
-        blob_cands = self.blob_candidates(prep, prob, regions, logit)
+        dot_weight = self.config.stage1.dot_weight
+        shape_needed = self.config.stage1.blob_candidates > 0 or dot_weight > 0
+        tophat = white_tophat(prep.image, prep.geometry) if shape_needed else None
+        blob_cands = self.blob_candidates(prep, prob, regions, logit, tophat)
         if blob_cands:  # the proposals' regions are numbered after stage 1's, the first lowest
             prob[regions >= blob_cands[0].region] = 1.0  # a kept proposal is outlined by its region (``_outline``)
         cands += blob_cands
@@ -456,6 +480,11 @@ class Detector:
         centres = np.array([c.center_lps for c in cands]).reshape(-1, 3)
         p2 = fuse_scores([c.score for c in cands], self.classify(volume, centres), self.config.stage2.weight)
         timings["stage2"] = time.perf_counter() - t0
+        if dot_weight:
+            t0 = time.perf_counter()
+            step("shape", 0.0)
+            p2 = shape_prior(p2, region_dotness(tophat, prep.geometry, regions, [c.region for c in cands]), dot_weight)
+            timings["shape"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         step("outlining nodules", 0.0)

@@ -45,6 +45,9 @@ class Stage1Config:
 
     ``blob_candidates``: how many proposals of the blob filter (``blobs``) join stage 1's candidates per scan,
     outside its regions (0: none); each is scored by stage 1's output over its outline like the others.
+
+    ``dot_weight``: how much a candidate's shape scales its probability (``detect.shape_prior``; 0: not at all;
+    ``calibrate`` chooses it).
     """
 
     spacing_mm: float = 1.5
@@ -54,6 +57,7 @@ class Stage1Config:
     max_candidates: int = 200
     score_temperature: float | None = None
     blob_candidates: int = 0
+    dot_weight: float = 0.0
 
 
 @dataclass

@@ -367,11 +367,13 @@ def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.r
 
 def validation_scores(model: NoduleModel, cases: Sequence[PreparedCase], use_stage2: bool,
                       device: str = "cpu") -> ValidationScores:
-    """Both stages' outputs on the candidates of the validation cases (stage 2: zeros unless ``use_stage2``)."""
+    """Both stages' outputs on the candidates of the validation cases (stage 2: zeros unless ``use_stage2``), with
+    their shape (dot filter) when the model weighs it (``Stage1Config.dot_weight``)."""
     detector = Detector(model, device=device)
     t = model.config.stage1.candidate_threshold
-    return ValidationScores.concat([scan_scores(detector, c.case.name, c.case.volume, c.prep, (t,), use_stage2)[t]
-                                    for c in cases])
+    with_dot = model.config.stage1.dot_weight > 0
+    return ValidationScores.concat([scan_scores(detector, c.case.name, c.case.volume, c.prep, (t,), use_stage2,
+                                                with_dot=with_dot)[t] for c in cases])
 
 
 def validation_findings(cases: Sequence[PreparedCase]) -> list[Finding]:
@@ -441,7 +443,7 @@ class Trainer:
         self.model.stage2.eval()
         scores = validation_scores(self.model, self.val_cases, use_stage2, device=str(self.device))
         cands = scores.candidates(self.model.config.stage2.weight if use_stage2 else None,
-                                  self.model.config.stage1.score_temperature)
+                                  self.model.config.stage1.score_temperature, self.model.config.stage1.dot_weight)
         scans = [c.case.name for c in self.val_cases]
         return evaluate(self.val_findings, cands, scans, n_bootstrap=0).cpm
 
@@ -586,8 +588,9 @@ class Trainer:
         t = self.model.config.stage1.candidate_threshold
         point = choose_operating_point(self.val_findings, {t: scores}, [c.case.name for c in self.val_cases],
                                        self.settings.target_fp_per_scan,
-                                       temperatures=(self.model.config.stage1.score_temperature,))
-        self.weight_cpm = {w: cpm for (_, _, w), (cpm, _, _) in point.grid.items()}
+                                       temperatures=(self.model.config.stage1.score_temperature,),
+                                       dot_weights=(self.model.config.stage1.dot_weight,))
+        self.weight_cpm = {w: cpm for (_, _, w, _), (cpm, _, _) in point.grid.items()}
         self.model.config.stage2.weight = point.weight
         self.model.config.threshold = point.threshold
         return point.threshold
