@@ -4,7 +4,8 @@ On one machine, in one run, for each scan (default: LIDC-IDRI-0002 and LIDC-IDRI
 
 * **ours**: ``nodule-detection detect SCAN -o TMP`` as a separate process: whole-process wall time, peak
   resident memory of that process (``wait4``), and wall time per stage from its log line
-  (``timings read=… preprocess=… stage1=… blobs=… masses=… stage2=… postprocess=… write=…``); ``startup`` is the rest
+  (``timings read=… preprocess=… stage1=… blobs=… masses=… stage2=… shape=… postprocess=… write=…``; ``shape``
+  only for a model that weighs the candidates' shape); ``startup`` is the rest
   (Python and library imports, model load);
 * **floor**: a process that only reads the scan with SimpleITK (no detector can beat it);
 * **MONAI**: the ``lung_nodule_ct_detection`` bundle's RetinaNet (3D ResNet50-FPN) on whole 512×512×192
@@ -55,7 +56,7 @@ VALIDATION_LIST = REPO / "Resources" / "Models" / "validation_scans.txt"
 #: The accuracy target: the validation CPM within this of the model card's.
 ACCURACY_TOLERANCE = 0.01
 TARGETS = {"scan": "LIDC-IDRI-0002", "max_wall_s": 20.0, "max_peak_rss_gb": 3.0, "min_monai_over_ours": 50.0}
-STAGES = ("read", "preprocess", "stage1", "blobs", "masses", "stage2", "postprocess", "write")
+STAGES = ("read", "preprocess", "stage1", "blobs", "masses", "stage2", "shape", "postprocess", "write")
 TIMINGS_LINE = re.compile(r"timings ((?:\w+=[\d.]+ ?)+) s$", re.MULTILINE)
 
 
@@ -255,16 +256,16 @@ def main() -> int:
 
 def table(report: dict) -> str:
     """A Markdown table of the report (the README's performance table)."""
-    head = ("| scan | read | preprocess | stage 1 | blob filter | masses | stage 2 | outline | write | startup "
+    head = ("| scan | read | preprocess | stage 1 | blob filter | masses | stage 2 | shape | outline | write | startup "
             "| **whole detect** | peak RSS | SimpleITK read (process) | ours / floor | MONAI network (extrapolated) "
             "| MONAI / ours |")
-    lines = [head, "|" + "---|" * 16]
+    lines = [head, "|" + "---|" * 17]
     for r in report["scans"]:
         o, s = r["ours"], r["ours"]["stages_s"]
         monai = (f"{r['monai_s'] / 60:.1f} min ({r['monai_windows']['windows']} windows, from "
                  f"{r['monai_extrapolated_from_windows']} timed)") if "monai_s" in r else "not run"
         lines.append(
-            f"| {r['scan']} | " + " | ".join(f"{s.get(k, float('nan')):.1f} s" for k in (*STAGES, "startup"))
+            f"| {r['scan']} | " + " | ".join(f"{s[k]:.1f} s" if k in s else "–" for k in (*STAGES, "startup"))
             + f" | **{o['wall_s']:.1f} s** | {gb(o['peak_rss_bytes']):.2f} GB | {r['floor']['wall_s']:.2f} s "
             f"({r['floor']['read_s']:.2f} s read) | {r['ours_over_floor']:.1f}× | {monai} | "
             + (f"{r['monai_over_ours']:.0f}×" if "monai_over_ours" in r else "–") + " |"
