@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from NoduleDetectionLib.blobs import blob_outline, find_blobs, region_dotness, symmetric_eigenvalues, white_tophat
+from NoduleDetectionLib.blobs import ShapeFilter, blob_outline, find_blobs, symmetric_eigenvalues
 from NoduleDetectionLib.detect import Detector
 from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.preprocess import prepare
@@ -84,9 +84,13 @@ def test_region_dotness_rates_both_nodules_above_the_vessel_and_the_wall(lung_sc
         regions[_ball(image.shape, np.full(3, 1.5), centre, 3.0)] = n
     regions[8:32, 28:33, 40:45] = 3  # a stretch of the vessel (along k at j = 30, i = 42)
     regions[8:32, 36:46, 57:63] = 4  # lung and wall on both sides of the pleura, away from the nodules
-    dot = region_dotness(white_tophat(image, geometry), geometry, regions, np.array([1, 2, 3, 4]))
+    shapes = ShapeFilter(image, geometry)
+    dot = shapes.region_dotness(regions, np.array([1, 2, 3, 4]))
     assert dot.shape == (4,) and min(dot[:2]) > 3 * max(dot[2:]), dot
-    assert region_dotness(white_tophat(image, geometry), geometry, regions, np.array([], int)).shape == (0,)
+    assert shapes.region_dotness(regions, np.array([], int)).shape == (0,)
+    # One filter serves the blob search too, with the same values as a fresh one.
+    shared, fresh = find_blobs(image, lung, geometry, 5, shapes=shapes), find_blobs(image, lung, geometry, 5)
+    assert np.array_equal(shared.kji, fresh.kji) and np.array_equal(shared.strength, fresh.strength)
 
 
 def test_detector_adds_blob_candidates_outside_stage1_regions(tiny_model_path):

@@ -12,19 +12,22 @@ lungs for stage 2 to judge (``Stage1Config.blob_candidates`` per scan, strongest
    of a sphere of radius about ``σ√3``, low on a vessel (``λ3 ≈ 0`` along it) or a fissure; the highest over scales;
 3. local maxima (over ``PEAK_SPACING_MM``) inside the lung mask and outside the regions already proposed.
 
-The same dot filter also rates every candidate's shape (``region_dotness``): a compact ball keeps a high value, a
-vessel, a branch point or a fissure a low one. ``Stage1Config.dot_weight`` scales a finding's
-probability by it (``detect.shape_prior``; ``calibrate`` chooses the weight).
+The same dot filter also rates every candidate's shape (``ShapeFilter.region_dotness``): a compact ball keeps a high
+value, a vessel, a branch point or a fissure a low one. ``Stage1Config.dot_weight`` scales a finding's probability
+by it (``detect.shape_prior``; ``calibrate`` chooses the weight). One ``ShapeFilter`` per scan serves both uses and
+smooths the image once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
 from .geometry import Geometry
+from .regions import region_max
 
 #: Side of the cube (mm) of the top-hat's opening: nodules up to about this size stay, the chest wall goes.
 TOPHAT_SIZE_MM = 9.0
@@ -68,11 +71,18 @@ def symmetric_eigenvalues(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return smallest, largest
 
 
+def smoothings(image: np.ndarray, spacing_kji: np.ndarray,
+               scales_mm: tuple[float, ...] = SCALES_MM) -> list[np.ndarray]:
+    """``image`` ``[k, j, i]`` (voxel size ``spacing_kji`` mm) smoothed by a Gaussian of each scale ``σ`` (mm)."""
+    spacing_kji = np.asarray(spacing_kji, float)
+    return [ndimage.gaussian_filter(image, s_mm / spacing_kji, truncate=3.0) for s_mm in scales_mm]
+
+
 def dot_filter(image: np.ndarray, spacing_kji: np.ndarray, where: np.ndarray,
-               scales_mm: tuple[float, ...] = SCALES_MM) -> np.ndarray:
+               scales_mm: tuple[float, ...] = SCALES_MM, smoothed: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Multi-scale Hessian dot filter of ``image`` ``[k, j, i]`` (voxel size ``spacing_kji`` mm), computed at the
     voxels of ``where`` (0 elsewhere); ``float32``. The Hessian: central differences of the image smoothed by a
-    Gaussian of each scale, scaled by ``σ²``."""
+    Gaussian of each scale, scaled by ``σ²``; ``smoothed``: those smoothings (``smoothings``), if already made."""
     out = np.zeros(image.shape, np.float32)
     idx = np.array(np.nonzero(where))
     if idx.shape[1] == 0:
@@ -86,8 +96,8 @@ def dot_filter(image: np.ndarray, spacing_kji: np.ndarray, where: np.ndarray,
     corners = [[tuple(np.clip(idx + sa * step[a] + sb * step[b], 0, top)) for sa in (1, -1) for sb in (1, -1)]
                for a, b in pairs]
     best = np.zeros(idx.shape[1], np.float32)
-    for s_mm in scales_mm:
-        g = ndimage.gaussian_filter(image, s_mm / spacing_kji, truncate=3.0)
+    smoothed = smoothings(image, spacing_kji, scales_mm) if smoothed is None else smoothed
+    for s_mm, g in zip(scales_mm, smoothed):
         centre = g[tuple(idx)]
         second = [(g[plus[a]] - 2.0 * centre + g[minus[a]]) / spacing_kji[a] ** 2 for a in range(3)]
         mixed = [(g[c[0]] - g[c[1]] - g[c[2]] + g[c[3]]) / (4.0 * spacing_kji[a] * spacing_kji[b])
@@ -101,36 +111,48 @@ def dot_filter(image: np.ndarray, spacing_kji: np.ndarray, where: np.ndarray,
     return out
 
 
-def white_tophat(image: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """``image`` ``[k, j, i]`` (working grid, ``geometry``) minus its grey opening by a cube of ``TOPHAT_SIZE_MM``:
-    what is narrower than the cube; ``float32``."""
-    img = image.astype(np.float32, copy=False)
-    spacing_kji = np.array(geometry.spacing, float)[::-1]
-    return img - ndimage.grey_opening(img, size=_odd_voxels(TOPHAT_SIZE_MM, spacing_kji))
+class ShapeFilter:
+    """The white top-hat of a normalised working-grid image ``[k, j, i]`` (``geometry``: the grid's, LPS) and its
+    dot filter, for one scan.
 
+    ``tophat`` is the image minus its grey opening by a cube of ``TOPHAT_SIZE_MM`` (what is narrower than the cube;
+    ``float32``). The dot filter's Gaussian smoothings of it are made on first use and kept for later calls.
+    """
 
-def region_dotness(tophat: np.ndarray, geometry: Geometry, regions: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """The highest dot filter value (``dot_filter`` of the top-hat image ``white_tophat``) in each region ``ids``
-    of the label map ``regions`` ``int [k, j, i]`` (working grid, ``geometry``); ``float64 (len(ids),)``."""
-    ids = np.asarray(ids, int).reshape(-1)
-    if ids.size == 0:
-        return np.zeros(0)
-    spacing_kji = np.array(geometry.spacing, float)[::-1]
-    dot = dot_filter(tophat, spacing_kji, np.isin(regions, ids))
-    return np.asarray(ndimage.maximum(dot, regions, ids), float).reshape(-1)
+    def __init__(self, image: np.ndarray, geometry: Geometry) -> None:
+        self.geometry = geometry
+        self.spacing_kji = np.array(geometry.spacing, float)[::-1]
+        img = image.astype(np.float32, copy=False)
+        self.tophat = img - ndimage.grey_opening(img, size=_odd_voxels(TOPHAT_SIZE_MM, self.spacing_kji))
+        self._smoothed: list[np.ndarray] | None = None
+
+    def dot(self, where: np.ndarray) -> np.ndarray:
+        """``dot_filter`` of the top-hat image at the voxels of ``where`` (``bool [k, j, i]``; 0 elsewhere)."""
+        if self._smoothed is None:
+            self._smoothed = smoothings(self.tophat, self.spacing_kji)
+        return dot_filter(self.tophat, self.spacing_kji, where, smoothed=self._smoothed)
+
+    def region_dotness(self, regions: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The highest dot filter value in each region ``ids`` of the label map ``regions`` ``int [k, j, i]``;
+        ``float64 (len(ids),)``."""
+        ids = np.asarray(ids, int).reshape(-1)
+        if ids.size == 0:
+            return np.zeros(0)
+        return region_max(self.dot(np.isin(regions, ids)), regions, ids)
 
 
 def find_blobs(image: np.ndarray, lung: np.ndarray, geometry: Geometry, count: int,
-               exclude: np.ndarray | None = None, tophat: np.ndarray | None = None) -> Blobs:
+               exclude: np.ndarray | None = None, shapes: ShapeFilter | None = None) -> Blobs:
     """The ``count`` strongest blob proposals of a normalised working-grid image ``[k, j, i]`` inside ``lung``
-    and outside ``exclude`` (both ``bool [k, j, i]``); ``geometry``: the working grid's (LPS). ``tophat``: the
-    image's ``white_tophat``, if already computed."""
+    and outside ``exclude`` (both ``bool [k, j, i]``); ``geometry``: the working grid's (LPS). ``shapes``: the
+    image's ``ShapeFilter``, if already made."""
     spacing_kji = np.array(geometry.spacing, float)[::-1]
-    tophat = white_tophat(image, geometry) if tophat is None else tophat
+    shapes = ShapeFilter(image, geometry) if shapes is None else shapes
+    tophat = shapes.tophat
     where = lung & (tophat >= MIN_TOPHAT)
     if exclude is not None:
         where &= ~exclude
-    dot = dot_filter(tophat, spacing_kji, where)
+    dot = shapes.dot(where)
     peaks = (dot > 0) & (dot == ndimage.maximum_filter(dot, size=_odd_voxels(PEAK_SPACING_MM, spacing_kji)))
     kji = np.argwhere(peaks)
     strength = dot[peaks]

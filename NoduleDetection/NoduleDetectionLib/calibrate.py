@@ -33,15 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from .atomic import check_writable, write_text_atomic
-from .blobs import region_dotness, white_tophat
+from .blobs import ShapeFilter
 from .datasets import Dataset, Finding
 from .detect import Detector, fuse_scores, logit_score, shape_prior
 from .errors import InputError
 from .evaluate import Candidate, evaluate
 from .preprocess import Prepared, prepare
+from .regions import region_max
 from .volume import CTVolume
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ DOT_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 @dataclass
 class ValidationScores:
     """Candidates of annotated scans: scan name, centre (LPS mm), stage 1 highest probability and highest logit
-    in the candidate's region, stage 2 probability, the region's dot filter value (``blobs.region_dotness``;
+    in the candidate's region, stage 2 probability, the region's dot filter value (``blobs.ShapeFilter``;
     infinite for a mass, which keeps probability 1)."""
 
     scans: list[str]
@@ -100,22 +100,21 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
     ``detect`` does. Dot filter values are ones unless ``with_dot``.
     """
     prob, logit = detector.stage1_maps(prep.image, logits=True)
-    tophat = (white_tophat(prep.image, prep.geometry)
-              if with_dot or detector.config.stage1.blob_candidates > 0 else None)
+    shapes = ShapeFilter(prep.image, prep.geometry) if with_dot or detector.config.stage1.blob_candidates > 0 else None
     out = {}
     for t in thresholds:
         p = prob.copy() if with_masses else prob  # ``Detector.masses`` writes into its map
         cands, regions = detector.candidates(p, prep.lung, prep.geometry, threshold=t, logit=logit)
-        cands += detector.blob_candidates(prep, p, regions, logit, tophat)
+        cands += detector.blob_candidates(prep, p, regions, logit, shapes)
         ids = [c.region for c in cands]  # each region's highest probability and logit, before masses are marked
-        best = {name: dict(zip(ids, np.asarray(ndimage.maximum(m, regions, ids), float).reshape(-1)))
+        best = {name: dict(zip(ids, region_max(m, regions, ids)))
                 for name, m in (("prob", p), ("logit", logit))}
         masses = detector.masses(prep, p, regions) if with_masses else []
         cands = detector.outside_masses(cands, masses, regions, prep.geometry)
         ids = [c.region for c in cands]
         xyz = np.array([c.center_lps for c in cands]).reshape(-1, 3)
         s2 = detector.classify(volume, xyz) if use_stage2 else np.zeros(len(cands), np.float32)
-        dot = region_dotness(tophat, prep.geometry, regions, ids) if with_dot else np.ones(len(cands))
+        dot = shapes.region_dotness(regions, ids) if with_dot else np.ones(len(cands))
         ones = np.ones(len(masses))
         out[t] = ValidationScores(
             [name] * (len(cands) + len(masses)),

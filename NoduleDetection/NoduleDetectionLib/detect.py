@@ -29,13 +29,14 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from .blobs import blob_outline, find_blobs, region_dotness, white_tophat
+from .blobs import ShapeFilter, blob_outline, find_blobs
 from .errors import NoduleDetectionError
 from .geometry import Geometry
 from .io import validate_ct
 from .masses import find_masses
 from .models import ModelConfig, NoduleModel
 from .preprocess import Prepared, normalize_hu, prepare, sample_patches
+from .regions import region_max
 from .registry import shipped_model_path
 from .volume import CTVolume
 
@@ -44,8 +45,8 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[str, float], None]
 CancelCallback = Callable[[], bool]
 
-#: ``shape_prior``: dot filter values (``blobs.region_dotness``) from this up leave a probability unchanged; the
-#: largest seen on 1125 candidates of 200 inserted validation lesions was 0.13.
+#: ``shape_prior``: dot filter values (``blobs.ShapeFilter.region_dotness``) from this up leave a probability
+#: unchanged; the largest seen on 1125 candidates of 200 inserted validation lesions was 0.13.
 DOT_FULL = 0.2
 #: ``shape_prior``: added to every dot filter value, so that a region with none (a plate, a tube) keeps a little.
 DOT_FLOOR = 0.005
@@ -124,7 +125,7 @@ def fuse_scores(stage1: np.ndarray, stage2: np.ndarray, weight: float) -> np.nda
 def shape_prior(probability: np.ndarray, dotness: np.ndarray, weight: float) -> np.ndarray:
     """A finding's probability scaled by its region's shape: ``p * min(1, (dot + DOT_FLOOR) / DOT_FULL) ** weight``.
 
-    ``dotness``: the highest Hessian dot filter value in the region (``blobs.region_dotness``; dimensionless, high
+    ``dotness``: the highest Hessian dot filter value in the region (``blobs.ShapeFilter``; dimensionless, high
     for a compact ball, low for a vessel, a branch point or a fissure); ``weight`` 0 returns ``probability`` itself.
     """
     if weight == 0:
@@ -331,19 +332,19 @@ class Detector:
         return cands, regions
 
     def blob_candidates(self, prep: Prepared, prob: np.ndarray, regions: np.ndarray,
-                        logit: np.ndarray | None = None, tophat: np.ndarray | None = None) -> list[Candidate]:
+                        logit: np.ndarray | None = None, shapes: ShapeFilter | None = None) -> list[Candidate]:
         """The model's ``blob_candidates`` strongest blob-filter proposals (``blobs.find_blobs``) of a prepared scan
         outside the regions of ``regions``, each outlined there as a new region (``regions`` changed in place).
 
         A proposal is scored by stage 1's output over its outline as ``candidates`` scores a region (``prob``,
-        or ``logit`` with the model's score temperature); its diameter is that of its outline. ``tophat``:
-        ``blobs.white_tophat`` of ``prep.image``, if already computed.
+        or ``logit`` with the model's score temperature); its diameter is that of its outline. ``shapes``:
+        ``blobs.ShapeFilter`` of ``prep.image``, if already made.
         """
         cfg = self.config.stage1
         if cfg.blob_candidates <= 0:
             return []
         free = regions == 0
-        blobs = find_blobs(prep.image, prep.lung, prep.geometry, cfg.blob_candidates, exclude=~free, tophat=tophat)
+        blobs = find_blobs(prep.image, prep.lung, prep.geometry, cfg.blob_candidates, exclude=~free, shapes=shapes)
         kept, counts = [], []
         region = int(regions.max())
         for n in range(len(blobs.kji)):
@@ -369,8 +370,8 @@ class Detector:
         with ``logit`` and the model's ``score_temperature`` T, ``sigmoid(max logit / T)``."""
         temperature = self.config.stage1.score_temperature
         if logit is not None and temperature is not None:
-            return logit_score(ndimage.maximum(logit, regions, index), temperature)
-        return np.asarray(ndimage.maximum(prob, regions, index))
+            return logit_score(region_max(logit, regions, index), temperature)
+        return region_max(prob, regions, index)
 
     def classify(self, volume: CTVolume, centers_lps: np.ndarray, batch: int = 64) -> np.ndarray:
         """Stage 2 probabilities for candidate centres ``(N, 3)`` LPS mm, from the input HU volume."""
@@ -462,8 +463,8 @@ class Detector:
         step("blob filter", 0.0)
         dot_weight = self.config.stage1.dot_weight
         shape_needed = self.config.stage1.blob_candidates > 0 or dot_weight > 0
-        tophat = white_tophat(prep.image, prep.geometry) if shape_needed else None
-        blob_cands = self.blob_candidates(prep, prob, regions, logit, tophat)
+        shapes = ShapeFilter(prep.image, prep.geometry) if shape_needed else None
+        blob_cands = self.blob_candidates(prep, prob, regions, logit, shapes)
         if blob_cands:  # the proposals' regions are numbered after stage 1's, the first lowest
             prob[regions >= blob_cands[0].region] = 1.0  # a kept proposal is outlined by its region (``_outline``)
         cands += blob_cands
@@ -483,7 +484,7 @@ class Detector:
         if dot_weight:
             t0 = time.perf_counter()
             step("shape", 0.0)
-            p2 = shape_prior(p2, region_dotness(tophat, prep.geometry, regions, [c.region for c in cands]), dot_weight)
+            p2 = shape_prior(p2, shapes.region_dotness(regions, [c.region for c in cands]), dot_weight)
             timings["shape"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
