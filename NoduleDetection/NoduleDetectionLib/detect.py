@@ -483,7 +483,7 @@ class Detector:
         timings["stage2"] = time.perf_counter() - t0
         if dot_weight:
             t0 = time.perf_counter()
-            step("shape", 0.0)
+            step("candidate shapes", 0.0)
             p2 = shape_prior(p2, shapes.region_dotness(regions, [c.region for c in cands]), dot_weight)
             timings["shape"] = time.perf_counter() - t0
 
