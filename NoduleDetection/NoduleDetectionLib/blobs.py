@@ -120,7 +120,6 @@ class ShapeFilter:
     """
 
     def __init__(self, image: np.ndarray, geometry: Geometry) -> None:
-        self.geometry = geometry
         self.spacing_kji = np.array(geometry.spacing, float)[::-1]
         img = image.astype(np.float32, copy=False)
         self.tophat = img - ndimage.grey_opening(img, size=_odd_voxels(TOPHAT_SIZE_MM, self.spacing_kji))
@@ -146,14 +145,13 @@ def find_blobs(image: np.ndarray, lung: np.ndarray, geometry: Geometry, count: i
     """The ``count`` strongest blob proposals of a normalised working-grid image ``[k, j, i]`` inside ``lung``
     and outside ``exclude`` (both ``bool [k, j, i]``); ``geometry``: the working grid's (LPS). ``shapes``: the
     image's ``ShapeFilter``, if already made."""
-    spacing_kji = np.array(geometry.spacing, float)[::-1]
     shapes = ShapeFilter(image, geometry) if shapes is None else shapes
     tophat = shapes.tophat
     where = lung & (tophat >= MIN_TOPHAT)
     if exclude is not None:
         where &= ~exclude
     dot = shapes.dot(where)
-    peaks = (dot > 0) & (dot == ndimage.maximum_filter(dot, size=_odd_voxels(PEAK_SPACING_MM, spacing_kji)))
+    peaks = (dot > 0) & (dot == ndimage.maximum_filter(dot, size=_odd_voxels(PEAK_SPACING_MM, shapes.spacing_kji)))
     kji = np.argwhere(peaks)
     strength = dot[peaks]
     order = np.argsort(-strength, kind="stable")[: max(count, 0)]
