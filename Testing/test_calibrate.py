@@ -93,7 +93,7 @@ def test_calibrate_command_writes_a_model_with_the_chosen_values(tmp_path, tiny_
     out = tmp_path / "cal"
     assert main(["calibrate", str(data), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu",
                  "--candidate-thresholds", "0.1", "0.5", "--weights", "0", "1", "--shape-weights", "0", "1",
-                 "--blob-candidates", "3"]) == 0
+                 "--blob-candidates", "3", "--stage1-spacing", "1.75"]) == 0
     record = json.loads((out / "calibration.json").read_text())
     tried = record["tried"]
     assert {(r["candidate_threshold"], r["stage2_weight"], r["dot_weight"]) for r in tried} == {
@@ -108,6 +108,8 @@ def test_calibrate_command_writes_a_model_with_the_chosen_values(tmp_path, tiny_
     assert model.config.stage1.score_temperature == chosen["score_temperature"]
     assert model.config.stage1.dot_weight == chosen["dot_weight"]
     assert model.config.stage1.blob_candidates == chosen["blob_candidates"] == 3
+    assert model.config.stage1.spacing_mm == chosen["stage1_spacing_mm"] == 1.75
+    assert record["before"]["stage1_spacing_mm"] == original.config.stage1.spacing_mm != 1.75
     assert model.config.threshold == pytest.approx(chosen["threshold"])
     assert model.config.card["calibration"]["nodules"] == 4
     assert model.config.card["name"] == original.config.card["name"]  # the rest of the card is kept
@@ -134,6 +136,7 @@ def test_calibrate_command_writes_a_model_with_the_chosen_values(tmp_path, tiny_
     (["--fp-per-scan", "0"], "positive"),
     (["--shape-weights", "-1"], "between 0 and 4"),
     (["--blob-candidates", "-2"], "between 0 and 1000"),
+    (["--stage1-spacing", "0.2"], "between 0.5 and 3 mm"),
 ])
 def test_calibrate_bad_values_are_one_line_errors(tmp_path, tiny_model_path, capsys, args, message):
     data = _phantom_folder(tmp_path / "data", n_scans=1)

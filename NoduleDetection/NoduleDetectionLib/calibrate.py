@@ -187,7 +187,7 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
               scans: Sequence[str] | None = None, candidate_thresholds: Sequence[float] | None = None,
               weights: Sequence[float] | None = None, temperatures: Sequence[float | None] | None = None,
               dot_weights: Sequence[float] | None = None, blob_candidates: int | None = None,
-              fp_per_scan: float = 0.5, device: str = "auto",
+              stage1_spacing_mm: float | None = None, fp_per_scan: float = 0.5, device: str = "auto",
               overwrite: bool = False, progress: Callable[[str, float], None] | None = None) -> dict[str, Path]:
     """Choose ``model``'s operating point on the annotated scans of ``dataset`` (see the module docs).
 
@@ -195,7 +195,9 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     ``candidate_thresholds`` (default ``CANDIDATE_THRESHOLDS``) × ``temperatures`` (default ``SCORE_TEMPERATURES``;
     ``None``: score by the highest probability) × ``weights`` (default ``STAGE_WEIGHTS``) × ``dot_weights``
     (default ``DOT_WEIGHTS``). ``blob_candidates``: set the model's number of blob-filter proposals per scan first
-    (default: keep it). Writes ``model.safetensors`` (the model with the chosen values and a ``calibration`` entry
+    (default: keep it). ``stage1_spacing_mm``: run stage 1 on a working grid of this spacing (mm) first (default:
+    keep it; a finer grid than the one it was trained on shows it every structure magnified). Writes
+    ``model.safetensors`` (the model with the chosen values and a ``calibration`` entry
     in its card), ``calibration.json`` and ``calibration.md`` into ``outdir``; returns their paths.
     ``progress(scan name, fraction done)``.
     """
@@ -213,6 +215,8 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
         raise InputError(f"shape weights must be between 0 and 4, got {list(dot_weights)}")
     if blob_candidates is not None and not 0 <= blob_candidates <= 1000:
         raise InputError(f"--blob-candidates must be between 0 and 1000, got {blob_candidates}")
+    if stage1_spacing_mm is not None and not 0.5 <= stage1_spacing_mm <= 3.0:
+        raise InputError(f"--stage1-spacing must be between 0.5 and 3 mm, got {stage1_spacing_mm}")
     for t in list(candidate_thresholds) + list(weights):
         if not 0.0 <= float(t) <= 1.0:
             raise InputError(f"candidate thresholds and stage 2 weights must be between 0 and 1, got {t}")
@@ -231,9 +235,11 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     before = {"candidate_threshold": cfg.stage1.candidate_threshold,
               "score_temperature": cfg.stage1.score_temperature, "stage2_weight": cfg.stage2.weight,
               "dot_weight": cfg.stage1.dot_weight, "blob_candidates": cfg.stage1.blob_candidates,
-              "threshold": cfg.threshold}
+              "stage1_spacing_mm": cfg.stage1.spacing_mm, "threshold": cfg.threshold}
     if blob_candidates is not None:
         cfg.stage1.blob_candidates = int(blob_candidates)
+    if stage1_spacing_mm is not None:
+        cfg.stage1.spacing_mm = float(stage1_spacing_mm)
     with_dot = any(float(a) > 0 for a in dot_weights)
     thresholds = sorted({float(t) for t in candidate_thresholds})
     t0 = time.perf_counter()
@@ -262,7 +268,8 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
         "model": str(model) if model else "shipped", "fp_per_scan": fp_per_scan, "before": before,
         "chosen": {"candidate_threshold": point.candidate_threshold, "score_temperature": point.temperature,
                    "stage2_weight": point.weight, "dot_weight": point.dot_weight,
-                   "blob_candidates": cfg.stage1.blob_candidates, "threshold": point.threshold, "cpm": point.cpm},
+                   "blob_candidates": cfg.stage1.blob_candidates, "stage1_spacing_mm": cfg.stage1.spacing_mm,
+                   "threshold": point.threshold, "cpm": point.cpm},
         "tried": [{"candidate_threshold": t, "score_temperature": temp, "stage2_weight": w, "dot_weight": a,
                    "cpm": cpm, "threshold": th, "fp_per_scan_at_threshold": fps}
                   for (t, temp, w, a), (cpm, th, fps) in point.grid.items()],
@@ -304,7 +311,8 @@ def calibration_markdown(record: dict) -> str:
         f"stage 1 score {temp(chosen['score_temperature'])} (was {temp(before['score_temperature'])}), stage 2 weight "
         f"{chosen['stage2_weight']:g} (was {before['stage2_weight']:g}), shape weight {chosen['dot_weight']:g} (was "
         f"{before['dot_weight']:g}), {chosen['blob_candidates']} blob-filter proposals per scan (was "
-        f"{before['blob_candidates']}), default threshold {chosen['threshold']:.3f} "
+        f"{before['blob_candidates']}), stage 1 grid {chosen.get('stage1_spacing_mm', 0):g} mm (was "
+        f"{before.get('stage1_spacing_mm', 0):g}), default threshold {chosen['threshold']:.3f} "
         f"(was {before['threshold']:.3f}; the lowest with at most {record['fp_per_scan']:g} false positives per scan "
         "here, within 0.3-0.98). These scans tuned the model: measure its accuracy on others.", "",
     ]

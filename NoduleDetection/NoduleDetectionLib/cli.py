@@ -246,6 +246,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="weights of a candidate's shape (Hessian dot filter) to try (default 0 0.25 0.5 0.75 1)")
     p.add_argument("--blob-candidates", type=int, default=None, metavar="N",
                    help="blob-filter proposals per scan to add to stage 1's candidates (default: the model's)")
+    p.add_argument("--stage1-spacing", type=float, default=None, metavar="MM",
+                   help="working grid spacing (mm) for stage 1 (default: the model's; finer magnifies small nodules)")
     p.add_argument("--fp-per-scan", type=float, default=0.5, metavar="FP",
                    help="false positives per scan allowed at the default threshold (default 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -270,7 +272,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         paths = calibrate(
             args.dataset, args.output, model=args.model, scans=read_scan_list(args.scans) if args.scans else None,
             candidate_thresholds=args.candidate_thresholds, weights=args.weights, dot_weights=args.shape_weights,
-            blob_candidates=args.blob_candidates, fp_per_scan=args.fp_per_scan,
+            blob_candidates=args.blob_candidates, stage1_spacing_mm=args.stage1_spacing, fp_per_scan=args.fp_per_scan,
             device=args.device, overwrite=args.overwrite, progress=progress,
         )
     finally:
