@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from NoduleDetectionLib import blobs
 from NoduleDetectionLib.blobs import ShapeFilter, blob_outline, find_blobs, symmetric_eigenvalues
 from NoduleDetectionLib.detect import Detector
 from NoduleDetectionLib.geometry import Geometry
@@ -129,3 +130,18 @@ def test_detector_adds_blob_candidates_outside_stage1_regions(tiny_model_path):
     finally:
         detector.config.stage1.blob_candidates = 0
         detector.config.stage1.dot_weight = 0.0
+
+
+def test_dot_values_do_not_depend_on_which_voxels_are_asked_for_or_in_what_chunks(lung_scene, monkeypatch):
+    image, lung, geometry, _ = lung_scene
+    whole = ShapeFilter(image, geometry).dot(lung)
+    parts = ShapeFilter(image, geometry)  # asked in two overlapping halves, then for all: values kept, not recomputed
+    first, second = lung.copy(), lung.copy()
+    first[image.shape[0] // 2:] = False
+    second[: image.shape[0] // 3] = False
+    assert np.array_equal(parts.dot(first), np.where(first, whole, 0))
+    assert np.array_equal(parts.dot(second), np.where(second, whole, 0))
+    assert np.array_equal(parts.dot(lung), whole)
+    monkeypatch.setattr(blobs, "DOT_CHUNK", 1000)  # many small chunks: the same values
+    assert np.array_equal(ShapeFilter(image, geometry).dot(lung), whole)
+    assert whole.dtype == np.float32 and (whole[~lung] == 0).all() and (whole > 0).any()

@@ -78,6 +78,10 @@ def smoothings(image: np.ndarray, spacing_kji: np.ndarray,
     return [ndimage.gaussian_filter(image, s_mm / spacing_kji, truncate=3.0) for s_mm in scales_mm]
 
 
+#: Voxels filtered at a time (``dot_filter``): bounds its index arrays to some tens of MB.
+DOT_CHUNK = 1 << 17
+
+
 def dot_filter(image: np.ndarray, spacing_kji: np.ndarray, where: np.ndarray,
                scales_mm: tuple[float, ...] = SCALES_MM, smoothed: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Multi-scale Hessian dot filter of ``image`` ``[k, j, i]`` (voxel size ``spacing_kji`` mm), computed at the
@@ -88,7 +92,17 @@ def dot_filter(image: np.ndarray, spacing_kji: np.ndarray, where: np.ndarray,
     if idx.shape[1] == 0:
         return out
     spacing_kji = np.asarray(spacing_kji, float)
-    top = np.array(image.shape)[:, None] - 1
+    smoothed = smoothings(image, spacing_kji, scales_mm) if smoothed is None else smoothed
+    for start in range(0, idx.shape[1], DOT_CHUNK):
+        part = idx[:, start:start + DOT_CHUNK]
+        out[tuple(part)] = _dot_at(part, smoothed, spacing_kji, scales_mm)
+    return out
+
+
+def _dot_at(idx: np.ndarray, smoothed: Sequence[np.ndarray], spacing_kji: np.ndarray,
+            scales_mm: tuple[float, ...]) -> np.ndarray:
+    """The dot filter at the voxels ``idx`` ``int (3, N)`` (``k, j, i``), highest over the scales; ``float32 (N,)``."""
+    top = np.array(smoothed[0].shape)[:, None] - 1
     step = np.eye(3, dtype=int)[:, :, None]
     plus = [tuple(np.minimum(idx + step[a], top)) for a in range(3)]
     minus = [tuple(np.maximum(idx - step[a], 0)) for a in range(3)]
@@ -96,7 +110,6 @@ def dot_filter(image: np.ndarray, spacing_kji: np.ndarray, where: np.ndarray,
     corners = [[tuple(np.clip(idx + sa * step[a] + sb * step[b], 0, top)) for sa in (1, -1) for sb in (1, -1)]
                for a, b in pairs]
     best = np.zeros(idx.shape[1], np.float32)
-    smoothed = smoothings(image, spacing_kji, scales_mm) if smoothed is None else smoothed
     for s_mm, g in zip(scales_mm, smoothed):
         centre = g[tuple(idx)]
         second = [(g[plus[a]] - 2.0 * centre + g[minus[a]]) / spacing_kji[a] ** 2 for a in range(3)]
@@ -107,8 +120,7 @@ def dot_filter(image: np.ndarray, spacing_kji: np.ndarray, where: np.ndarray,
                                                             mixed[2], mixed[1], mixed[0]]) * s_mm**2)
         dot = np.where(largest < 0, largest * largest / np.maximum(-smallest, 1e-6), 0.0)
         np.maximum(best, dot.astype(np.float32), out=best)
-    out[tuple(idx)] = best
-    return out
+    return best
 
 
 class ShapeFilter:
@@ -116,7 +128,8 @@ class ShapeFilter:
     dot filter, for one scan.
 
     ``tophat`` is the image minus its grey opening by a cube of ``TOPHAT_SIZE_MM`` (what is narrower than the cube;
-    ``float32``). The dot filter's Gaussian smoothings of it are made on first use and kept for later calls.
+    ``float32``). The dot filter's Gaussian smoothings of it, and its value at each voxel asked for, are made on first
+    use and kept for later calls (a voxel's value does not depend on which others are asked for).
     """
 
     def __init__(self, image: np.ndarray, geometry: Geometry) -> None:
@@ -124,12 +137,23 @@ class ShapeFilter:
         img = image.astype(np.float32, copy=False)
         self.tophat = img - ndimage.grey_opening(img, size=_odd_voxels(TOPHAT_SIZE_MM, self.spacing_kji))
         self._smoothed: list[np.ndarray] | None = None
+        self._dot = np.zeros(img.shape, np.float32)
+        self._known = np.zeros(img.shape, bool)
+
+    def candidate_voxels(self, lung: np.ndarray) -> np.ndarray:
+        """The voxels where blobs are sought: inside ``lung`` (``bool [k, j, i]``) and at least ``MIN_TOPHAT`` in
+        the top-hat image."""
+        return lung & (self.tophat >= MIN_TOPHAT)
 
     def dot(self, where: np.ndarray) -> np.ndarray:
         """``dot_filter`` of the top-hat image at the voxels of ``where`` (``bool [k, j, i]``; 0 elsewhere)."""
-        if self._smoothed is None:
-            self._smoothed = smoothings(self.tophat, self.spacing_kji)
-        return dot_filter(self.tophat, self.spacing_kji, where, smoothed=self._smoothed)
+        missing = where & ~self._known
+        if missing.any():
+            if self._smoothed is None:
+                self._smoothed = smoothings(self.tophat, self.spacing_kji)
+            self._dot[missing] = dot_filter(self.tophat, self.spacing_kji, missing, smoothed=self._smoothed)[missing]
+            self._known |= missing
+        return np.where(where, self._dot, np.float32(0.0))
 
     def region_dotness(self, regions: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The highest dot filter value in each region ``ids`` of the label map ``regions`` ``int [k, j, i]``;
@@ -146,8 +170,7 @@ def find_blobs(image: np.ndarray, lung: np.ndarray, geometry: Geometry, count: i
     and outside ``exclude`` (both ``bool [k, j, i]``); ``geometry``: the working grid's (LPS). ``shapes``: the
     image's ``ShapeFilter``, if already made."""
     shapes = ShapeFilter(image, geometry) if shapes is None else shapes
-    tophat = shapes.tophat
-    where = lung & (tophat >= MIN_TOPHAT)
+    where = shapes.candidate_voxels(lung)
     if exclude is not None:
         where &= ~exclude
     dot = shapes.dot(where)
@@ -155,7 +178,7 @@ def find_blobs(image: np.ndarray, lung: np.ndarray, geometry: Geometry, count: i
     kji = np.argwhere(peaks)
     strength = dot[peaks]
     order = np.argsort(-strength, kind="stable")[: max(count, 0)]
-    return Blobs(kji[order], strength[order], tophat)
+    return Blobs(kji[order], strength[order], shapes.tophat)
 
 
 def blob_outline(blobs: Blobs, n: int, geometry: Geometry, free: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
