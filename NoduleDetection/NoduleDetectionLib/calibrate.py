@@ -187,7 +187,8 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
               scans: Sequence[str] | None = None, candidate_thresholds: Sequence[float] | None = None,
               weights: Sequence[float] | None = None, temperatures: Sequence[float | None] | None = None,
               dot_weights: Sequence[float] | None = None, blob_candidates: int | None = None,
-              stage1_spacing_mm: float | None = None, fp_per_scan: float = 0.5, device: str = "auto",
+              stage1_spacing_mm: float | None = None, stage1_bf16: bool | None = None, fp_per_scan: float = 0.5,
+              device: str = "auto",
               overwrite: bool = False, progress: Callable[[str, float], None] | None = None) -> dict[str, Path]:
     """Choose ``model``'s operating point on the annotated scans of ``dataset`` (see the module docs).
 
@@ -196,7 +197,8 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     ``None``: score by the highest probability) × ``weights`` (default ``STAGE_WEIGHTS``) × ``dot_weights``
     (default ``DOT_WEIGHTS``). ``blob_candidates``: set the model's number of blob-filter proposals per scan first
     (default: keep it). ``stage1_spacing_mm``: run stage 1 on a working grid of this spacing (mm) first (default:
-    keep it; a finer grid than the one it was trained on shows it every structure magnified). Writes
+    keep it; a finer grid than the one it was trained on shows it every structure magnified). ``stage1_bf16``: set
+    the model's ``cpu_bf16`` first (default: keep it). Writes
     ``model.safetensors`` (the model with the chosen values and a ``calibration`` entry
     in its card), ``calibration.json`` and ``calibration.md`` into ``outdir``; returns their paths.
     ``progress(scan name, fraction done)``.
@@ -235,11 +237,14 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     before = {"candidate_threshold": cfg.stage1.candidate_threshold,
               "score_temperature": cfg.stage1.score_temperature, "stage2_weight": cfg.stage2.weight,
               "dot_weight": cfg.stage1.dot_weight, "blob_candidates": cfg.stage1.blob_candidates,
-              "stage1_spacing_mm": cfg.stage1.spacing_mm, "threshold": cfg.threshold}
+              "stage1_spacing_mm": cfg.stage1.spacing_mm, "stage1_bf16": cfg.stage1.cpu_bf16,
+              "threshold": cfg.threshold}
     if blob_candidates is not None:
         cfg.stage1.blob_candidates = int(blob_candidates)
     if stage1_spacing_mm is not None:
         cfg.stage1.spacing_mm = float(stage1_spacing_mm)
+    if stage1_bf16 is not None:
+        cfg.stage1.cpu_bf16 = bool(stage1_bf16)
     with_dot = any(float(a) > 0 for a in dot_weights)
     thresholds = sorted({float(t) for t in candidate_thresholds})
     t0 = time.perf_counter()
@@ -269,6 +274,7 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
         "chosen": {"candidate_threshold": point.candidate_threshold, "score_temperature": point.temperature,
                    "stage2_weight": point.weight, "dot_weight": point.dot_weight,
                    "blob_candidates": cfg.stage1.blob_candidates, "stage1_spacing_mm": cfg.stage1.spacing_mm,
+                   "stage1_bf16": cfg.stage1.cpu_bf16,
                    "threshold": point.threshold, "cpm": point.cpm},
         "tried": [{"candidate_threshold": t, "score_temperature": temp, "stage2_weight": w, "dot_weight": a,
                    "cpm": cpm, "threshold": th, "fp_per_scan_at_threshold": fps}

@@ -194,6 +194,11 @@ def tile_layout(shape: tuple[int, ...], tile: int, divisor: int) -> tuple[tuple[
     return best[1], best[2]
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _for_inference(net: nn.Module, device: torch.device) -> nn.Module:
     """An eval-mode copy of ``net`` on ``device`` with each BatchNorm folded into the convolution before it
     (same outputs up to float rounding, one pass less over every feature map) and in-place ReLUs.
@@ -259,10 +264,11 @@ class Detector:
         """The model's default reporting threshold."""
         return self.config.threshold
 
-    def _autocast(self):
+    def _autocast(self, cpu_bf16: bool = False):
+        """Float16 autocast on CUDA; on CPU bfloat16 when ``cpu_bf16`` and the CPU has it natively, else none."""
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.float16)
-        return torch.autocast("cpu", enabled=False)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16 and cpu_bf16_native())
 
     def probability_map(self, image: np.ndarray, progress: ProgressCallback | None = None,
                         cancel: CancelCallback | None = None) -> np.ndarray:
@@ -289,7 +295,7 @@ class Detector:
         (tz, ty, tx), starts = tile_layout(padded.shape, self.config.stage1.tile, div)
         boxes = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
         fmt = torch.channels_last_3d if self.device.type == "cpu" else torch.contiguous_format
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(self.config.stage1.cpu_bf16):
             for n, (z, y, x) in enumerate(boxes):
                 if cancel is not None and cancel():
                     raise Cancelled("detection cancelled")
