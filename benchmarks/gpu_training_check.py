@@ -3,15 +3,21 @@
 A GPU machine lent to a session receives a copy of the repository of at most 64 MiB and no ``../shared``, so
 this check trains on an 80 mm slab of the training host (LIDC-IDRI-0002, full resolution and cross-section:
 the lung mask needs the air around the body) and validates on the README's sample CT (a slab of the
-validation scan LIDC-IDRI-0001), with the networks, batches and patch sizes of the recipe shipped until session
-6 (``Resources/Training/previous_shipped.json``; the current recipe's are the same), 750 steps a stage, at most 6
-minutes, so its step times compare with that model's CPU log
-(``Resources/Models/experiments/previous_shipped/train_log.jsonl``)::
+validation scan LIDC-IDRI-0001), with the recipe of the shipped networks (``Resources/Training/min_target.json``:
+networks, batches, patch sizes, lesion balancing, stage 2 negatives), 750 steps a stage, at most 6 minutes, so its
+step times compare with the shipped networks' CPU log (``Resources/Models/train_log.jsonl``). Session 5 ran it
+with the recipe shipped until session 6 (``--recipe Resources/Training/previous_shipped.json``)::
 
     python benchmarks/gpu_training_check.py prepare ../shared/data .gpucheck      # here, once (CPU)
     nodule-detection train .gpucheck/config.json -o run --device cuda           # on the GPU machine
     python benchmarks/gpu_training_check.py summary run                         # step times, memory, CPM
-    python benchmarks/gpu_training_check.py summary Resources/Models/experiments/previous_shipped   # CPU log
+    python benchmarks/gpu_training_check.py summary Resources/Models            # the shipped networks' CPU log
+
+Inference: ``nodule-detection detect`` of the shipped model on both slabs with ``--device cuda`` (twice) there and
+``--device cpu`` here, then ``compare`` matches the findings of two CSV files (count, centre distance, probability
+and diameter differences)::
+
+    python benchmarks/gpu_training_check.py compare detect_cpu.csv detect_gpu.csv
 
 The slab's and the sample's findings (excluded marks, the 24 mm nodule) keep their world coordinates, so
 they are masked as in a full run. The model of this run is a check, not a candidate for shipping.
@@ -32,14 +38,15 @@ from NoduleDetectionLib.volume import CTVolume
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0001-slab.nrrd"
-SHIPPED = REPO / "Resources" / "Training" / "previous_shipped.json"
+RECIPE = REPO / "Resources" / "Training" / "min_target.json"
 HOST = "LIDC-IDRI-0002"
 SLAB_SLICES = 64
 WINDOW = 20
 
 
-def prepare(shared: Path, out: Path) -> None:
-    """Write ``out/ct`` (host slab, sample CT), ``out/annotations.csv`` and ``out/config.json``."""
+def prepare(shared: Path, out: Path, recipe: Path = RECIPE) -> None:
+    """Write ``out/ct`` (host slab, sample CT), ``out/annotations.csv`` and ``out/config.json`` (``recipe`` with the
+    check's data, steps and time budget)."""
     if out.exists():
         raise SystemExit(f"{out} exists; remove it or choose another folder")
     (out / "ct").mkdir(parents=True)
@@ -59,13 +66,13 @@ def prepare(shared: Path, out: Path) -> None:
             scan = row["scan"].removesuffix(".nrrd")
             if scan in renamed:
                 writer.writerow({**row, "scan": renamed[scan], "seriesuid": seriesuid[scan]})
-    config = json.loads(SHIPPED.read_text())
+    config = json.loads(recipe.read_text())
+    mix = config["train"][0]["insert"].get("mix", {})   # the recipe's lesion mix, fewer lesions on the slab
     config["train"] = [{"path": ".", "scans": [f"{HOST}-slab"],
-                        "insert": {"lesions_per_scan": 15, "copies": 3, "seed": 1,
-                                   "mix": {"median_diameter_mm": 9.0, "log_sigma": 0.7}}}]
+                        "insert": {"lesions_per_scan": 15, "copies": 3, "seed": 1, "mix": mix}}]
     config["validation"] = [{"path": ".", "scans": [seriesuid["LIDC-IDRI-0001"]],
                              "insert": {"lesions_per_scan": 10, "copies": 1, "seed": 2000}}]
-    config["stage1"]["steps"] = config["stage2"]["steps"] = 750   # a check: half the shipped steps, 6 minutes at most
+    config["stage1"]["steps"] = config["stage2"]["steps"] = 750   # a check: 6 minutes at most
     config["time_budget_minutes"] = 6
     (out / "config.json").write_text(json.dumps(config, indent=2))
     print(f"slab: slices {k0}-{k0 + SLAB_SLICES - 1} of {HOST}; wrote {out}")
@@ -91,6 +98,29 @@ def summary(run: Path) -> dict:
     return out
 
 
+def _findings(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def compare(reference: Path, other: Path) -> dict:
+    """Match each finding of ``reference`` (a ``detect`` CSV) to the nearest of ``other``: counts, and the largest
+    centre distance (mm, LPS), probability and diameter (mm) differences over the matched pairs."""
+    a, b = _findings(reference), _findings(other)
+    out: dict = {"reference": len(a), "other": len(b)}
+    if not a or not b:
+        return out
+    keys = ("coordX", "coordY", "coordZ")
+    pa = np.array([[float(r[k]) for k in keys] for r in a])
+    pb = np.array([[float(r[k]) for k in keys] for r in b])
+    nearest = np.linalg.norm(pa[:, None] - pb[None], axis=2).argmin(axis=1)
+    pairs = list(zip(a, (b[n] for n in nearest)))
+    out["max_centre_mm"] = round(float(np.linalg.norm(pa - pb[nearest], axis=1).max()), 4)
+    for key in ("probability", "diameter_mm"):
+        out[f"max_{key}_difference"] = round(max(abs(float(r[key]) - float(q[key])) for r, q in pairs), 6)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,9 +129,15 @@ def main() -> None:
     p.add_argument("out", type=Path)
     s = sub.add_parser("summary", help="print a run's step times, validation CPMs and machine")
     s.add_argument("run", type=Path)
+    p.add_argument("--recipe", type=Path, default=RECIPE, help="training config whose settings the check uses")
+    c = sub.add_parser("compare", help="match the findings of two detect CSV files (e.g. CPU and GPU)")
+    c.add_argument("reference", type=Path)
+    c.add_argument("other", type=Path)
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.shared, args.out)
+        prepare(args.shared, args.out, args.recipe)
+    elif args.command == "compare":
+        print(json.dumps(compare(args.reference, args.other), indent=2))
     else:
         print(json.dumps(summary(args.run), indent=2))
 
