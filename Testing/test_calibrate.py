@@ -93,7 +93,7 @@ def test_calibrate_command_writes_a_model_with_the_chosen_values(tmp_path, tiny_
     out = tmp_path / "cal"
     assert main(["calibrate", str(data), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu",
                  "--candidate-thresholds", "0.1", "0.5", "--weights", "0", "1", "--shape-weights", "0", "1",
-                 "--blob-candidates", "3", "--stage1-spacing", "1.75"]) == 0
+                 "--blob-candidates", "3", "--stage1-spacing", "1.75", "--stage1-bf16"]) == 0
     record = json.loads((out / "calibration.json").read_text())
     tried = record["tried"]
     assert {(r["candidate_threshold"], r["stage2_weight"], r["dot_weight"]) for r in tried} == {
@@ -110,6 +110,7 @@ def test_calibrate_command_writes_a_model_with_the_chosen_values(tmp_path, tiny_
     assert model.config.stage1.blob_candidates == chosen["blob_candidates"] == 3
     assert model.config.stage1.spacing_mm == chosen["stage1_spacing_mm"] == 1.75
     assert record["before"]["stage1_spacing_mm"] == original.config.stage1.spacing_mm != 1.75
+    assert model.config.stage1.cpu_bf16 and chosen["stage1_bf16"] and not record["before"]["stage1_bf16"]
     assert model.config.threshold == pytest.approx(chosen["threshold"])
     assert model.config.card["calibration"]["nodules"] == 4
     assert model.config.card["name"] == original.config.card["name"]  # the rest of the card is kept

@@ -137,3 +137,28 @@ def test_stage2_test_time_flips(tiny_model_path, phantom):
     np.testing.assert_allclose(plain.classify(vol, centres), 1 / (1 + np.exp(-logits[0])), atol=1e-5)
     np.testing.assert_allclose(tta.classify(vol, centres), 1 / (1 + np.exp(-np.mean(logits, axis=0))), atol=1e-5)
     assert not np.allclose(plain.classify(vol, centres), tta.classify(vol, centres))
+
+
+def test_stage1_in_bfloat16_where_the_cpu_has_it(tiny_model_path, phantom, monkeypatch):
+    """``stage1.cpu_bf16``: the U-net runs in bfloat16 on a CPU with it natively, close to float32; elsewhere (or
+    switched off) exactly float32; the same input twice gives the same map."""
+    import copy
+
+    from NoduleDetectionLib import detect as detect_module
+    from NoduleDetectionLib.preprocess import prepare
+
+    plain = Detector.load(tiny_model_path, device="cpu")
+    model = copy.deepcopy(plain.model)
+    model.config.stage1.cpu_bf16 = True
+    bf16 = Detector(model, device="cpu")
+    image = prepare(phantom.volume, plain.config.stage1.spacing_mm, plain.config.hu_window).image
+    reference = plain.probability_map(image)
+    fast = bf16.probability_map(image)
+    assert np.array_equal(fast, bf16.probability_map(image))
+    if detect_module.cpu_bf16_native():
+        assert not np.array_equal(fast, reference)
+        np.testing.assert_allclose(fast, reference, atol=0.05)
+    else:
+        assert np.array_equal(fast, reference)
+    monkeypatch.setattr(detect_module, "cpu_bf16_native", lambda: False)  # a CPU without it: float32
+    assert np.array_equal(bf16.probability_map(image), reference)
