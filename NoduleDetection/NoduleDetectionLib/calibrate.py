@@ -198,9 +198,9 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     (default ``DOT_WEIGHTS``). ``blob_candidates``: set the model's number of blob-filter proposals per scan first
     (default: keep it). ``stage1_spacing_mm``: run stage 1 on a working grid of this spacing (mm) first (default:
     keep it; a finer grid than the one it was trained on shows it every structure magnified). ``stage1_bf16``: set
-    the model's ``cpu_bf16`` first (default: keep it). Writes
-    ``model.safetensors`` (the model with the chosen values and a ``calibration`` entry
-    in its card), ``calibration.json`` and ``calibration.md`` into ``outdir``; returns their paths.
+    the model's ``cpu_bf16`` first (default: keep it). Writes ``model.safetensors`` (the model with the chosen
+    values and a ``calibration`` entry in its card), ``calibration.json`` and ``calibration.md`` into ``outdir``;
+    returns their paths.
     ``progress(scan name, fraction done)``.
     """
     from .io import read_ct
@@ -298,6 +298,9 @@ def calibration_markdown(record: dict) -> str:
     def temp(value: float | None) -> str:
         return "probability" if value is None else f"logit / {value:g}"
 
+    def yes(value: bool) -> str:
+        return "yes" if value else "no"
+
     lines = [
         f"# Calibration on {record['dataset']}", "",
         f"Model: {record['model']}; {record['scans']} scans, {record['nodules']} nodules; {record['seconds']:.0f} s.",
@@ -317,8 +320,9 @@ def calibration_markdown(record: dict) -> str:
         f"stage 1 score {temp(chosen['score_temperature'])} (was {temp(before['score_temperature'])}), stage 2 weight "
         f"{chosen['stage2_weight']:g} (was {before['stage2_weight']:g}), shape weight {chosen['dot_weight']:g} (was "
         f"{before['dot_weight']:g}), {chosen['blob_candidates']} blob-filter proposals per scan (was "
-        f"{before['blob_candidates']}), stage 1 grid {chosen.get('stage1_spacing_mm', 0):g} mm (was "
-        f"{before.get('stage1_spacing_mm', 0):g}), default threshold {chosen['threshold']:.3f} "
+        f"{before['blob_candidates']}), stage 1 grid {chosen['stage1_spacing_mm']:g} mm (was "
+        f"{before['stage1_spacing_mm']:g}), stage 1 in bfloat16 where the CPU has it: {yes(chosen['stage1_bf16'])} "
+        f"(was {yes(before['stage1_bf16'])}), default threshold {chosen['threshold']:.3f} "
         f"(was {before['threshold']:.3f}; the lowest with at most {record['fp_per_scan']:g} false positives per scan "
         "here, within 0.3-0.98). These scans tuned the model: measure its accuracy on others.", "",
     ]

@@ -50,8 +50,8 @@ class Stage1Config:
     ``calibrate`` chooses it).
 
     ``cpu_bf16``: on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX; ``detect.cpu_bf16_native``), the
-    U-net runs in bfloat16 autocast, about 1.7 times as fast on the project's 2-core machine, its logits differing
-    from float32's in the third significant digit; on other CPUs it runs in float32 (on CUDA, always float16).
+    U-net runs in bfloat16 autocast, markedly faster (``docs/performance.md``), its logits differing from float32's
+    in the third significant digit; on other CPUs it runs in float32 (on CUDA, always float16).
     """
 
     spacing_mm: float = 1.5
