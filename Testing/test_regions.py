@@ -1,7 +1,7 @@
-"""``regions.region_max``: the same numbers as scipy's labelled maximum."""
+"""``regions``: per-region maxima, sums and centres, the same numbers as scipy's labelled statistics."""
 
 import numpy as np
-from NoduleDetectionLib.regions import region_max
+from NoduleDetectionLib.regions import region_centroids, region_max, region_sums
 from scipy import ndimage
 
 
@@ -17,3 +17,16 @@ def test_region_max_matches_scipy_on_labelled_voxels_only():
     np.testing.assert_array_equal(region_max(values, regions, ids), expected)
     assert region_max(values, regions, np.array([], int)).shape == (0,)
     assert region_max(values, regions, [2])[0] == values[10, 10, 10]
+
+
+def test_region_sums_and_centroids_match_scipy_bit_for_bit():
+    rng = np.random.default_rng(3)
+    values = rng.random((30, 40, 50), dtype=np.float32)
+    regions, n = ndimage.label(values > 0.93)
+    ids = np.array([n, 1, 5, n // 2])
+    assert np.array_equal(region_sums(values, regions, ids), ndimage.sum_labels(values, regions, ids))
+    assert np.array_equal(region_sums(values >= 0.95, regions, ids), ndimage.sum_labels(values >= 0.95, regions, ids))
+    assert np.array_equal(region_centroids(values, regions, ids),
+                          np.array(ndimage.center_of_mass(values, regions, ids)))
+    assert region_sums(values, regions, np.array([], int)).shape == (0,)
+    assert region_centroids(values, regions, np.array([], int)).shape == (0, 3)

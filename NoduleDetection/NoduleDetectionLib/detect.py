@@ -37,7 +37,7 @@ from .io import validate_ct
 from .masses import find_masses
 from .models import ModelConfig, NoduleModel
 from .preprocess import Prepared, normalize_hu, prepare, sample_patches
-from .regions import region_max
+from .regions import region_centroids, region_max, region_sums
 from .registry import shipped_model_path
 from .volume import CTVolume
 
@@ -329,9 +329,9 @@ class Detector:
             return [], regions
         index = np.arange(1, n + 1)
         score = self.region_scores(prob, regions, index, logit)
-        centres_kji = np.array(ndimage.center_of_mass(prob, regions, index)).reshape(-1, 3)
-        core = ndimage.sum_labels(prob >= 0.5, regions, index)
-        size = ndimage.sum_labels(np.ones_like(prob, dtype=bool), regions, index)
+        centres_kji = region_centroids(prob, regions, index)
+        core = region_sums(prob >= 0.5, regions, index)
+        size = region_sums(np.ones_like(prob, dtype=bool), regions, index)
         diam = _equivalent_diameter(np.where(core > 0, core, size), geometry)
         centres_lps = geometry.index_to_lps(centres_kji[:, ::-1])
         order = np.argsort(-score, kind="stable")[: cfg.max_candidates]
