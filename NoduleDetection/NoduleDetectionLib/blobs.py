@@ -89,14 +89,20 @@ def dot_filter(image: np.ndarray, spacing_kji: np.ndarray, where: np.ndarray,
     Gaussian of each scale, scaled by ``σ²``; ``smoothed``: those smoothings (``smoothings``), if already made."""
     out = np.zeros(image.shape, np.float32)
     idx = np.array(np.nonzero(where))
-    if idx.shape[1] == 0:
-        return out
-    spacing_kji = np.asarray(spacing_kji, float)
-    smoothed = smoothings(image, spacing_kji, scales_mm) if smoothed is None else smoothed
-    for start in range(0, idx.shape[1], DOT_CHUNK):
-        part = idx[:, start:start + DOT_CHUNK]
-        out[tuple(part)] = _dot_at(part, smoothed, spacing_kji, scales_mm)
+    if idx.shape[1]:
+        spacing_kji = np.asarray(spacing_kji, float)
+        smoothed = smoothings(image, spacing_kji, scales_mm) if smoothed is None else smoothed
+        out[tuple(idx)] = _dot_values(idx, smoothed, spacing_kji, scales_mm)
     return out
+
+
+def _dot_values(idx: np.ndarray, smoothed: Sequence[np.ndarray], spacing_kji: np.ndarray,
+                scales_mm: tuple[float, ...] = SCALES_MM) -> np.ndarray:
+    """The dot filter at the voxels ``idx`` ``int (3, N)``, N > 0 (``k, j, i``), of images smoothed at each scale
+    (``smoothings``), ``DOT_CHUNK`` voxels at a time; ``float32 (N,)``."""
+    spacing_kji = np.asarray(spacing_kji, float)
+    return np.concatenate([_dot_at(idx[:, start:start + DOT_CHUNK], smoothed, spacing_kji, scales_mm)
+                           for start in range(0, idx.shape[1], DOT_CHUNK)])
 
 
 def _dot_at(idx: np.ndarray, smoothed: Sequence[np.ndarray], spacing_kji: np.ndarray,
@@ -148,10 +154,11 @@ class ShapeFilter:
     def dot(self, where: np.ndarray) -> np.ndarray:
         """``dot_filter`` of the top-hat image at the voxels of ``where`` (``bool [k, j, i]``; 0 elsewhere)."""
         missing = where & ~self._known
-        if missing.any():
+        idx = np.array(np.nonzero(missing))
+        if idx.shape[1]:
             if self._smoothed is None:
                 self._smoothed = smoothings(self.tophat, self.spacing_kji)
-            self._dot[missing] = dot_filter(self.tophat, self.spacing_kji, missing, smoothed=self._smoothed)[missing]
+            self._dot[tuple(idx)] = _dot_values(idx, self._smoothed, self.spacing_kji)
             self._known |= missing
         return np.where(where, self._dot, np.float32(0.0))
 

@@ -232,9 +232,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
             "choose the stage 1 candidate threshold, the stage 1 score (highest probability, or highest logit "
             "through a temperature of 1, 2, 4, 8 or 16), the stage 2 weight and the shape weight with the best CPM, "
             "with the default threshold (the lowest with at most FP false positives per scan), and write "
-            "OUTDIR/model.safetensors "
-            "(the same networks with these values), calibration.json and calibration.md. The networks are not "
-            "changed; report the calibrated model's accuracy on other scans than DATASET's."
+            "OUTDIR/model.safetensors (the same networks with these values), calibration.json and calibration.md. "
+            "The networks are not changed; report the calibrated model's accuracy on other scans than DATASET's."
         ),
     )
     _add_dataset_options(p)
