@@ -32,8 +32,9 @@ def test_operating_point_prefers_the_candidate_threshold_and_weight_that_find_mo
     point = choose_operating_point(FINDINGS, {0.3: high, 0.1: low}, ["a", "b"], fp_per_scan=0.5)
     assert (point.candidate_threshold, point.temperature, point.weight) == (0.1, None, 1.0)
     assert point.cpm == pytest.approx(1.0)
-    assert point.grid[(0.3, None, 1.0, 0.0)][0] == pytest.approx(0.5)  # one of two nodules, never more
-    assert point.grid[(0.1, None, 0.0, 0.0)][0] < point.grid[(0.1, None, 1.0, 0.0)][0]  # stage 1 alone: FP first
+    assert point.grid[(0.3, None, 1.0, 0.0, 0.0)][0] == pytest.approx(0.5)  # one of two nodules, never more
+    # stage 1 alone ranks the false positive first
+    assert point.grid[(0.1, None, 0.0, 0.0, 0.0)][0] < point.grid[(0.1, None, 1.0, 0.0, 0.0)][0]
     # One false positive is allowed on 2 scans at 0.5 FP/scan: the lowest threshold keeps all; clipped at 0.3.
     assert point.threshold == pytest.approx(0.3)
 
@@ -51,8 +52,8 @@ def test_shape_weight_ranks_a_ball_above_a_brighter_tube():
     rows = [("a", 0.0, 0.9, 0.9, 2.2, 0.1), ("b", 50.0, 0.8, 0.8, 1.4, 0.01), ("b", 0.0, 0.6, 0.6, 0.4, 0.1)]
     point = choose_operating_point(FINDINGS, {0.2: _scores(rows)}, ["a", "b"], fp_per_scan=0.5, weights=(0.0,),
                                    dot_weights=(0.0, 0.5, 1.0))
-    assert point.grid[(0.2, None, 0.0, 0.0)][0] < 1.0
-    assert point.grid[(0.2, None, 0.0, 1.0)][0] == pytest.approx(1.0)
+    assert point.grid[(0.2, None, 0.0, 0.0, 0.0)][0] < 1.0
+    assert point.grid[(0.2, None, 0.0, 1.0, 0.0)][0] == pytest.approx(1.0)
     assert (point.dot_weight, point.cpm) == (0.5, pytest.approx(1.0))
     masses = _scores([("a", 0.0, 1.0, 1.0, np.inf, np.inf)])  # a mass keeps probability 1 whatever the weight
     assert masses.candidates(0.5, 8.0, dot_weight=1.0)[0].probability == 1.0
@@ -68,13 +69,13 @@ def test_score_temperature_separates_saturated_probabilities():
              enumerate([("a", 25.0), ("a", 22.0), ("b", 21.0), ("b", 20.0)])]
     point = choose_operating_point(FINDINGS, {0.2: _scores(rows)}, ["a", "b"], fp_per_scan=0.5, weights=(0.0,),
                                    temperatures=(None, 1.0, 8.0, 16.0))
-    assert point.grid[(0.2, None, 0.0, 0.0)][2] > 0.5  # saturated: the threshold cannot drop the false positives
+    assert point.grid[(0.2, None, 0.0, 0.0, 0.0)][2] > 0.5  # saturated: the threshold cannot drop the false positives
     assert point.temperature in (8.0, 16.0) and point.cpm == pytest.approx(1.0)
     assert point.temperature == 8.0  # ties: the lowest temperature that keeps to the FP target
     # With T = 8 the one false positive allowed (2 scans x 0.5) is the 25-logit one: the threshold sits just
     # above the next, sigmoid(22 / 8).
     assert point.threshold == pytest.approx(1 / (1 + np.exp(-22 / 8)), abs=1e-6)
-    assert point.grid[(0.2, 8.0, 0.0, 0.0)][2] <= 0.5
+    assert point.grid[(0.2, 8.0, 0.0, 0.0, 0.0)][2] <= 0.5
 
 
 def _phantom_folder(root, n_scans=2):

@@ -105,25 +105,28 @@ def _dot_values(idx: np.ndarray, smoothed: Sequence[np.ndarray], spacing_kji: np
                            for start in range(0, idx.shape[1], DOT_CHUNK)])
 
 
+def hessian_entries(idx: np.ndarray, smoothed: np.ndarray, spacing_kji: np.ndarray, scale_mm: float) -> np.ndarray:
+    """The scale-normalised Hessian (``σ²`` times central differences) of ``smoothed``, the image smoothed at scale
+    ``σ = scale_mm``, at the voxels ``idx`` ``int (3, N)`` (``k, j, i``); its six entries ``(6, N)`` in the order
+    of ``symmetric_eigenvalues`` (``xx, yy, zz, xy, xz, yz`` with x = i, y = j, z = k)."""
+    top = np.array(smoothed.shape)[:, None] - 1
+    step = np.eye(3, dtype=int)[:, :, None]
+    centre = smoothed[tuple(idx)]
+    second = [(smoothed[tuple(np.minimum(idx + step[a], top))] - 2.0 * centre
+               + smoothed[tuple(np.maximum(idx - step[a], 0))]) / spacing_kji[a] ** 2 for a in range(3)]
+    mixed = []
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        c = [smoothed[tuple(np.clip(idx + sa * step[a] + sb * step[b], 0, top))] for sa in (1, -1) for sb in (1, -1)]
+        mixed.append((c[0] - c[1] - c[2] + c[3]) / (4.0 * spacing_kji[a] * spacing_kji[b]))
+    return np.array([second[2], second[1], second[0], mixed[2], mixed[1], mixed[0]]) * scale_mm**2
+
+
 def _dot_at(idx: np.ndarray, smoothed: Sequence[np.ndarray], spacing_kji: np.ndarray,
             scales_mm: tuple[float, ...]) -> np.ndarray:
     """The dot filter at the voxels ``idx`` ``int (3, N)`` (``k, j, i``), highest over the scales; ``float32 (N,)``."""
-    top = np.array(smoothed[0].shape)[:, None] - 1
-    step = np.eye(3, dtype=int)[:, :, None]
-    plus = [tuple(np.minimum(idx + step[a], top)) for a in range(3)]
-    minus = [tuple(np.maximum(idx - step[a], 0)) for a in range(3)]
-    pairs = ((0, 1), (0, 2), (1, 2))
-    corners = [[tuple(np.clip(idx + sa * step[a] + sb * step[b], 0, top)) for sa in (1, -1) for sb in (1, -1)]
-               for a, b in pairs]
     best = np.zeros(idx.shape[1], np.float32)
     for s_mm, g in zip(scales_mm, smoothed):
-        centre = g[tuple(idx)]
-        second = [(g[plus[a]] - 2.0 * centre + g[minus[a]]) / spacing_kji[a] ** 2 for a in range(3)]
-        mixed = [(g[c[0]] - g[c[1]] - g[c[2]] + g[c[3]]) / (4.0 * spacing_kji[a] * spacing_kji[b])
-                 for (a, b), c in zip(pairs, corners)]
-        # (xx, yy, zz, xy, xz, yz) with x = i, y = j, z = k; the eigenvalues do not depend on the axis order
-        smallest, largest = symmetric_eigenvalues(np.array([second[2], second[1], second[0],
-                                                            mixed[2], mixed[1], mixed[0]]) * s_mm**2)
+        smallest, largest = symmetric_eigenvalues(hessian_entries(idx, g, spacing_kji, s_mm))
         dot = np.where(largest < 0, largest * largest / np.maximum(-smallest, 1e-6), 0.0)
         np.maximum(best, dot.astype(np.float32), out=best)
     return best
@@ -146,6 +149,12 @@ class ShapeFilter:
         self._dot = np.zeros(img.shape, np.float32)
         self._known = np.zeros(img.shape, bool)
 
+    def smoothed(self) -> list[np.ndarray]:
+        """The top-hat image smoothed at each scale of ``SCALES_MM`` (``smoothings``; made on first use)."""
+        if self._smoothed is None:
+            self._smoothed = smoothings(self.tophat, self.spacing_kji)
+        return self._smoothed
+
     def candidate_voxels(self, lung: np.ndarray) -> np.ndarray:
         """The voxels where blobs are sought: inside ``lung`` (``bool [k, j, i]``) and at least ``MIN_TOPHAT`` in
         the top-hat image."""
@@ -156,9 +165,7 @@ class ShapeFilter:
         missing = where & ~self._known
         idx = np.array(np.nonzero(missing))
         if idx.shape[1]:
-            if self._smoothed is None:
-                self._smoothed = smoothings(self.tophat, self.spacing_kji)
-            self._dot[tuple(idx)] = _dot_values(idx, self._smoothed, self.spacing_kji)
+            self._dot[tuple(idx)] = _dot_values(idx, self.smoothed(), self.spacing_kji)
             self._known |= missing
         return np.where(where, self._dot, np.float32(0.0))
 

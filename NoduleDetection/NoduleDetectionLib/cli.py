@@ -8,12 +8,13 @@ line to stderr and exit with status 2; nothing prints a traceback for a user err
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from . import __version__
 from .errors import NoduleDetectionError
@@ -243,6 +244,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="stage 2 weights to try (default 0 0.25 0.5 0.75 1)")
     p.add_argument("--shape-weights", type=float, nargs="+", default=None, metavar="A",
                    help="weights of a candidate's shape (Hessian dot filter) to try (default 0 0.25 0.5 0.75 1)")
+    p.add_argument("--feature-weights", type=float, nargs="+", default=None, metavar="F",
+                   help="weights of the candidate-feature model to try (default 0 0.25 0.5 0.75 1 for a model "
+                   "with one, fit-features; else 0)")
     p.add_argument("--blob-candidates", type=int, default=None, metavar="N",
                    help="blob-filter proposals per scan to add to stage 1's candidates (default: the model's)")
     p.add_argument("--stage1-spacing", type=float, default=None, metavar="MM",
@@ -255,37 +259,80 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_calibrate)
 
 
-def _run_calibrate(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _progress_bar(desc: str) -> Iterator[Callable[[str, float], None]]:
+    """A ``progress(name, fraction)`` callback drawing a tqdm bar, made at its first call (so that a refused input
+    prints no bar) and closed on leaving."""
     from tqdm.auto import tqdm
 
-    from .calibrate import calibrate
-    from .datasets import read_scan_list
-
-    bars: list = []  # made at the first progress call, so that a refused input prints no bar
+    bars: list = []
 
     def progress(name: str, fraction: float) -> None:
         if not bars:
-            bars.append(tqdm(total=100, desc="calibrating", unit="%"))
+            bars.append(tqdm(total=100, desc=desc, unit="%"))
         bars[0].update(round(100 * fraction) - bars[0].n)
         bars[0].set_postfix_str(name)
 
     try:
-        paths = calibrate(
-            args.dataset, args.output, model=args.model, scans=read_scan_list(args.scans) if args.scans else None,
-            candidate_thresholds=args.candidate_thresholds, weights=args.weights, dot_weights=args.shape_weights,
-            blob_candidates=args.blob_candidates, stage1_spacing_mm=args.stage1_spacing,
-            stage1_bf16=args.stage1_bf16, fp_per_scan=args.fp_per_scan,
-            device=args.device, overwrite=args.overwrite, progress=progress,
-        )
+        yield progress
     finally:
         for bar in bars:
             bar.close()
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+    from .datasets import read_scan_list
+
+    with _progress_bar("calibrating") as progress:
+        paths = calibrate(
+            args.dataset, args.output, model=args.model, scans=read_scan_list(args.scans) if args.scans else None,
+            candidate_thresholds=args.candidate_thresholds, weights=args.weights, dot_weights=args.shape_weights,
+            feature_weights=args.feature_weights, blob_candidates=args.blob_candidates,
+            stage1_spacing_mm=args.stage1_spacing, stage1_bf16=args.stage1_bf16, fp_per_scan=args.fp_per_scan,
+            device=args.device, overwrite=args.overwrite, progress=progress,
+        )
     for path in paths.values():
         print(path)
     return 0
 
 
-COMMANDS = [_add_detect, _add_evaluate, _add_evaluate_detector, _add_make_lesion_dataset, _add_train, _add_calibrate]
+def _add_fit_features(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fit-features",
+        help="fit a model's candidate-feature model (a logistic model over measured features) on training scans",
+        description=(
+            "Run the model over every scan of DATASET (LUNA16 or shared layout; training scans, e.g. a "
+            "make-lesion-dataset folder of training hosts: never validation or test scans), measure each "
+            "candidate (stage 1 and 2 outputs, size, intensity, Hessian shape, dense tissue and lung around it), "
+            "label it by the evaluator's hit rule and fit a logistic model to them. Writes OUTDIR/model.safetensors "
+            "(the model with it; its weight stays 0 until calibrate chooses one), features.csv and features.md."
+        ),
+    )
+    _add_dataset_options(p)
+    p.add_argument("--blob-candidates", type=int, default=None, metavar="N",
+                   help="blob-filter proposals per scan to add to stage 1's candidates (default: the model's)")
+    p.add_argument("--l2", type=float, default=1e-3, help="ridge penalty on the coefficients (default 0.001)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=_run_fit_features)
+
+
+def _run_fit_features(args: argparse.Namespace) -> int:
+    from .calibrate import fit_features
+    from .datasets import read_scan_list
+
+    with _progress_bar("measuring") as progress:
+        paths = fit_features(args.dataset, args.output, model=args.model,
+                             scans=read_scan_list(args.scans) if args.scans else None,
+                             blob_candidates=args.blob_candidates, l2=args.l2, device=args.device,
+                             overwrite=args.overwrite, progress=progress)
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+COMMANDS = [_add_detect, _add_evaluate, _add_evaluate_detector, _add_make_lesion_dataset, _add_train, _add_calibrate,
+            _add_fit_features]
 
 
 def build_parser() -> argparse.ArgumentParser:

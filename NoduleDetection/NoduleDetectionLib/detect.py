@@ -32,6 +32,7 @@ from torch import nn
 
 from .blobs import ShapeFilter, blob_outline, find_blobs
 from .errors import NoduleDetectionError
+from .features import FeatureModel, candidate_features
 from .geometry import Geometry
 from .io import validate_ct
 from .masses import find_masses
@@ -133,6 +134,14 @@ def shape_prior(probability: np.ndarray, dotness: np.ndarray, weight: float) -> 
         return np.asarray(probability)
     factor = np.minimum(1.0, (np.asarray(dotness, np.float64) + DOT_FLOOR) / DOT_FULL)
     return np.asarray(probability, np.float64) * factor**weight
+
+
+def feature_prior(probability: np.ndarray, rating: np.ndarray, weight: float) -> np.ndarray:
+    """A finding's probability weighed with its candidate-feature rating (``features.FeatureModel``):
+    ``p ** (1 - weight) * rating ** weight``; ``weight`` 0 returns ``probability`` itself."""
+    if weight == 0:
+        return np.asarray(probability)
+    return np.asarray(probability, np.float64) ** (1.0 - weight) * np.asarray(rating, np.float64) ** weight
 
 
 def logit_score(max_logit: np.ndarray, temperature: float) -> np.ndarray:
@@ -401,6 +410,22 @@ class Detector:
                 out.append(torch.sigmoid(logit / len(flips)).cpu().numpy())
         return np.concatenate(out)
 
+    def feature_model(self) -> FeatureModel | None:
+        """The model's candidate-feature model (``Stage2Config.features``), or ``None`` where it has none."""
+        return FeatureModel.from_config(self.config.stage2.features) if self.config.stage2.features else None
+
+    def candidate_features(self, prep: Prepared, shapes: ShapeFilter, regions: np.ndarray, cands: list[Candidate],
+                           logit: np.ndarray, stage2: np.ndarray, dot: np.ndarray, first_blob: int) -> np.ndarray:
+        """``features.candidate_features`` of candidates of a prepared scan (``regions``: their label map, ``logit``:
+        stage 1's logit map, ``stage2``: their stage 2 probabilities, ``dot``: their regions' dot filter values;
+        regions numbered ``first_blob`` and up are blob proposals); ``float64 (N, F)``."""
+        ids = np.array([c.region for c in cands], int)
+        centres = np.array([c.center_lps for c in cands], float).reshape(-1, 3)
+        centres_kji = prep.geometry.lps_to_index(centres).reshape(-1, 3)[:, ::-1]
+        return candidate_features(prep.image, prep.lung, np.array(prep.geometry.spacing, float)[::-1], shapes,
+                                  regions, ids, centres_kji, region_max(logit, regions, ids), stage2, dot,
+                                  ids >= first_blob, self.config.hu_window)
+
     def find_masses(self, prep: Prepared) -> list[np.ndarray]:
         """The masks ``bool [k, j, i]`` of the masses (``masses.find_masses``) of a prepared scan."""
         return find_masses(prep.image, prep.lung, prep.geometry, self.config.hu_window, self.config.mass_diameter_mm)
@@ -477,18 +502,20 @@ class Detector:
 
         t0 = time.perf_counter()
         dot_weight = self.config.stage1.dot_weight
-        shape_needed = self.config.stage1.blob_candidates > 0 or dot_weight > 0
+        feature_weight = self.config.stage2.feature_weight
+        shape_needed = self.config.stage1.blob_candidates > 0 or dot_weight > 0 or feature_weight > 0
         # The shape filter and the masses need the image alone, so they run beside stage 1 (numpy and scipy release
         # the interpreter lock; on 2 CPU cores stage 1 alone leaves part of them idle). Same results as in turn.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-filters") as pool:
             filters = pool.submit(self._image_filters, prep, shape_needed)
-            prob, logit = self.stage1_maps(prep.image, progress, cancel)
+            prob, logit = self.stage1_maps(prep.image, progress, cancel, logits=True if feature_weight else None)
             cands, regions = self.candidates(prob, prep.lung, prep.geometry, logit=logit)
             timings["stage1"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             step("blob filter", 0.0)
             shapes, found_masses = filters.result()
         blob_cands = self.blob_candidates(prep, prob, regions, logit, shapes)
+        first_blob = blob_cands[0].region if blob_cands else int(regions.max()) + 1
         if blob_cands:  # the proposals' regions are numbered after stage 1's, the first lowest
             prob[regions >= blob_cands[0].region] = 1.0  # a kept proposal is outlined by its region (``_outline``)
         cands += blob_cands
@@ -503,12 +530,17 @@ class Detector:
         t0 = time.perf_counter()
         step("stage 2 (3D CNN)", 0.0)
         centres = np.array([c.center_lps for c in cands]).reshape(-1, 3)
-        p2 = fuse_scores([c.score for c in cands], self.classify(volume, centres), self.config.stage2.weight)
+        s2 = self.classify(volume, centres)
+        p2 = fuse_scores([c.score for c in cands], s2, self.config.stage2.weight)
         timings["stage2"] = time.perf_counter() - t0
-        if dot_weight:
+        if dot_weight or feature_weight:
             t0 = time.perf_counter()
             step("candidate shapes", 0.0)
-            p2 = shape_prior(p2, shapes.region_dotness(regions, [c.region for c in cands]), dot_weight)
+            dot = shapes.region_dotness(regions, [c.region for c in cands])
+            p2 = shape_prior(p2, dot, dot_weight)
+            if feature_weight:
+                features = self.candidate_features(prep, shapes, regions, cands, logit, s2, dot, first_blob)
+                p2 = feature_prior(p2, self.feature_model().score(features), feature_weight)
             timings["shape"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

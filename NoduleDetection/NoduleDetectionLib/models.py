@@ -72,6 +72,10 @@ class Stage2Config:
     ``weight`` sets a finding's probability from its stage 1 score ``s1`` and stage 2 probability ``s2`` as
     ``s1 ** (1 - weight) * s2 ** weight`` (1: stage 2 alone); training picks it on validation data. With ``tta``,
     a candidate's logit is the mean over its patches flipped along every combination of the three axes (8 passes).
+
+    ``features``: a logistic model over a candidate's measured features (``features.FeatureModel.to_config``; empty:
+    none), fitted on training scans (``calibrate.fit_features``); ``feature_weight`` how much its rating counts in
+    a finding's probability (``detect.feature_prior``; 0: not at all; ``calibrate`` chooses it).
     """
 
     patch: int = 24
@@ -79,6 +83,8 @@ class Stage2Config:
     channels: tuple[int, ...] = (16, 32, 64)
     weight: float = 1.0
     tta: bool = False
+    features: dict = field(default_factory=dict)
+    feature_weight: float = 0.0
 
 
 @dataclass
