@@ -15,7 +15,6 @@ import argparse
 import csv
 
 import numpy as np
-
 from NoduleDetectionLib.datasets import Dataset
 from NoduleDetectionLib.detect import Detector, feature_prior, fuse_scores, logit_score, shape_prior
 from NoduleDetectionLib.evaluate import Candidate, evaluate

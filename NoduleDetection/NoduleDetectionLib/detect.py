@@ -160,6 +160,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+#: Findings whose stage 1 outline is at least this wide (mm, equivalent sphere) are grown (``grow_outlines``) ...
+GROW_FROM_MM = 12.0
+#: ... into the connected voxels of at least this density (HU) ...
+GROW_HU = -500.0
+#: ... up to this fraction of their radius away.
+GROW_FRACTION = 0.5
+
 #: A stage 1 tile may hold up to this many times ``Stage1Config.tile ** 3`` voxels. Tiles are boxes, not cubes,
 #: chosen per scan to cover the working grid with the fewest voxels computed (overlap included): on a chest CT
 #: this halves the stage 1 work of fixed cubic tiles. Memory: about 0.27 kB per tile voxel on the CPU with the
@@ -547,6 +554,7 @@ class Detector:
         step("outlining nodules", 0.0)
         kept = [(c, float(p)) for c, p in zip(cands, p2) if p >= threshold]
         kept.sort(key=lambda cp: (-cp[1], -cp[0].score))
+        self.grow_outlines(prep, prob, regions, [c.region for c, _ in kept])
         kept = [(m, 1.0) for m in masses] + kept
         nodules, label_map = self._outline(volume, prep, prob, regions, kept)
         timings["postprocess"] = time.perf_counter() - t0
@@ -557,6 +565,37 @@ class Detector:
             warnings=input_warnings + list(prep.lungs.warnings),
             model_info={"name": self.name, "device": str(self.device), "card": self.config.card},
         )
+
+    def grow_outlines(self, prep: Prepared, prob: np.ndarray, regions: np.ndarray, ids: list[int]) -> None:
+        """Grow the outlines of large findings into the dense tissue around them (``regions`` and ``prob`` changed
+        in place, on the working grid ``[k, j, i]``).
+
+        Stage 1 outlines a finding by its 0.5 contour; on a working grid finer than it was trained on it sees a
+        large nodule magnified and outlines only its core. A finding of ``ids`` whose outline is at least
+        ``GROW_FROM_MM`` wide (equivalent sphere) takes in the voxels of at least ``GROW_HU`` connected to it inside
+        the lungs and not in another region, up to ``GROW_FRACTION`` of its radius away; they get probability 1.
+        """
+        if not ids:
+            return
+        spacing_kji = np.array(prep.geometry.spacing, float)[::-1]
+        lo, hi = self.config.hu_window
+        level = (GROW_HU - lo) / (hi - lo)
+        objects = ndimage.find_objects(regions)
+        for region in ids:
+            box = objects[region - 1]
+            if box is None:
+                continue
+            core = (regions[box] == region) & (prob[box] >= 0.5)
+            diameter = (6.0 * core.sum() * np.prod(spacing_kji) / np.pi) ** (1.0 / 3.0)
+            if diameter < GROW_FROM_MM:
+                continue
+            steps = int(np.ceil(GROW_FRACTION * diameter / 2.0 / spacing_kji.min()))
+            big = tuple(slice(max(0, b.start - steps), min(n, b.stop + steps)) for b, n in zip(box, regions.shape))
+            seed = (regions[big] == region) & (prob[big] >= 0.5)
+            allowed = (prep.image[big] >= level) & prep.lung[big] & ((regions[big] == 0) | (regions[big] == region))
+            grown = ndimage.binary_dilation(seed, iterations=steps, mask=allowed | seed)
+            regions[big][grown] = region
+            prob[big][grown & ~seed] = 1.0
 
     def _outline(self, volume: CTVolume, prep, prob: np.ndarray, regions: np.ndarray,
                  kept: list[tuple[Candidate, float]]) -> tuple[list[Nodule], np.ndarray]:

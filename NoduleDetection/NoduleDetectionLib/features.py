@@ -29,7 +29,7 @@ from .regions import region_sums
 FEATURE_NAMES = (
     "stage1_logit", "stage2_logit", "log_dot", "log_volume_mm3", "mean_hu", "hessian_mid_ratio",
     "hessian_low_ratio", "dense_near", "dense_far", "dense_through", "outside_lung_far", "outside_lung_wide",
-    "blob_proposal",
+    "blob_proposal", "ray_through", "ray_most", "ray_mean",
 )
 #: Tissue at least this dense (HU) counts as dense on the spheres around a candidate.
 DENSE_HU = -500.0
@@ -37,6 +37,8 @@ DENSE_HU = -500.0
 SPHERE_DIRECTIONS = 64
 #: The spheres' radii beyond the candidate's own equivalent radius (mm): near, far and wide.
 SHELL_MARGINS_MM = (1.5, 3.5, 8.0)
+#: The rays from a candidate's edge: sampled at these distances beyond its equivalent radius (mm).
+RAY_MARGINS_MM = (1.0, 2.0, 3.0, 4.0, 5.0)
 
 
 def sphere_directions(n: int = SPHERE_DIRECTIONS) -> np.ndarray:
@@ -91,11 +93,32 @@ def candidate_features(image: np.ndarray, lung: np.ndarray, spacing_kji: np.ndar
         shells.append((dense, inside > 0))
     (dense_near, _), (dense_far, inside_far), (_, inside_wide) = shells
     through = (dense_far[:, :half] & dense_far[:, half:]).mean(axis=1)
+    ray_through, ray_most, ray_mean = _rays(image, spacing_kji, centres_kji, radius, dirs)
     return np.stack([
         np.asarray(stage1_logit, float), _logit(stage2), np.log(np.asarray(dot, float) + 0.005),
         np.log(np.maximum(volume, 1e-3)), mean_hu, mid, low, dense_near.mean(axis=1), dense_far.mean(axis=1), through,
         1.0 - inside_far.mean(axis=1), 1.0 - inside_wide.mean(axis=1), np.asarray(blob, float),
+        ray_through, ray_most, ray_mean,
     ], axis=1)
+
+
+def _rays(image: np.ndarray, spacing_kji: np.ndarray, centres_kji: np.ndarray, radius: np.ndarray,
+          dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How far a candidate's own contrast carries on along rays from its edge (``RAY_MARGINS_MM`` beyond its
+    equivalent ``radius`` mm, each of ``dirs``): a ray's mean intensity above the background (the median over the
+    rays' far ends, at most the centre's value), relative to the centre's contrast above it. Returns, per
+    candidate, the highest over opposite pairs of the lower of the two (a vessel running through: near 1), the
+    highest over rays (anything attached) and the mean over rays (how crowded it sits)."""
+    n, half = len(centres_kji), len(dirs) // 2
+    steps = radius[:, None, None] + np.asarray(RAY_MARGINS_MM)[None, None, :]  # (N, 1, S)
+    points = centres_kji[:, None, None, :] + steps[..., None] * dirs[None, :, None, :] / spacing_kji
+    values = ndimage.map_coordinates(image, points.reshape(-1, 3).T, order=1, mode="nearest").reshape(
+        n, len(dirs), len(RAY_MARGINS_MM))
+    centre = ndimage.map_coordinates(image, centres_kji.T, order=1, mode="nearest")
+    background = np.minimum(np.median(values[:, :, -1], axis=1), centre)
+    contrast = np.maximum(centre - background, 0.02)
+    ray = np.clip((values.mean(axis=2) - background[:, None]) / contrast[:, None], -1.0, 2.0)
+    return np.minimum(ray[:, :half], ray[:, half:]).max(axis=1), ray.max(axis=1), ray.mean(axis=1)
 
 
 def _hessian_ratios(shapes: ShapeFilter, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
