@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from NoduleDetectionLib.detect import DOT_FLOOR, DOT_FULL, Cancelled, Detector, fuse_scores, shape_prior
+from NoduleDetectionLib.detect import DOT_FLOOR, DOT_FULL, Cancelled, Detector, fuse_scores, grow_outlines, shape_prior
 from NoduleDetectionLib.errors import NoduleDetectionError
 from NoduleDetectionLib.synthetic import make_phantom
 
@@ -162,3 +162,35 @@ def test_stage1_in_bfloat16_where_the_cpu_has_it(tiny_model_path, phantom, monke
         assert np.array_equal(fast, reference)
     monkeypatch.setattr(detect_module, "cpu_bf16_native", lambda: False)  # a CPU without it: float32
     assert np.array_equal(bf16.probability_map(image), reference)
+
+
+def test_large_outlines_grow_into_their_dense_tissue():
+    """A 24 mm ball whose stage 1 outline covers only its central 16 mm grows to the ball, inside the lungs and
+    outside the other regions; an 8 mm finding is left as stage 1 outlined it."""
+    from NoduleDetectionLib.geometry import Geometry
+    from NoduleDetectionLib.preprocess import Prepared
+
+    shape = (40, 40, 70)
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+
+    def ball(centre, radius):  # 1 mm grid
+        return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
+
+    big, small = ball((20, 20, 20), 12.0), ball((20, 20, 52), 4.0)
+    image = np.full(shape, 0.1, np.float32)  # lung, -860 HU
+    image[big | small] = 0.7  # -20 HU
+    lung = np.ones(shape, bool)
+    lung[:, :, :12] = False  # the big ball's left end lies outside the lung mask
+    other = ball((20, 20, 31), 2.0) & big  # part of another finding's region
+    regions = np.zeros(shape, np.int32)
+    regions[ball((20, 20, 20), 8.0)] = 1
+    regions[other] = 3
+    regions[ball((20, 20, 52), 3.0)] = 2
+    prob = np.where(regions > 0, np.float32(0.9), np.float32(0.0))
+    prep = Prepared(image=image, lung=lung, geometry=Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)), crop=(), lungs=None)
+    grow_outlines(prep, prob, regions, [1, 2], (-1000.0, 400.0))
+    grown = regions == 1
+    assert not (grown & ~big).any() and not (grown & ~lung).any() and not (grown & other).any()
+    assert grown.sum() == (big & lung & ~other).sum()  # 16 mm core, 4 mm more allowed: the whole ball
+    assert (prob[grown] >= 0.5).all() and (regions == 3).sum() == other.sum()
+    assert (regions == 2).sum() == ball((20, 20, 52), 3.0).sum()  # 6 mm: below GROW_FROM_MM, not grown

@@ -166,6 +166,7 @@ GROW_FROM_MM = 12.0
 GROW_HU = -500.0
 #: ... up to this fraction of their radius away.
 GROW_FRACTION = 0.5
+GROW_STEP = ndimage.generate_binary_structure(3, 2)
 
 #: A stage 1 tile may hold up to this many times ``Stage1Config.tile ** 3`` voxels. Tiles are boxes, not cubes,
 #: chosen per scan to cover the working grid with the fewest voxels computed (overlap included): on a chest CT
@@ -554,7 +555,7 @@ class Detector:
         step("outlining nodules", 0.0)
         kept = [(c, float(p)) for c, p in zip(cands, p2) if p >= threshold]
         kept.sort(key=lambda cp: (-cp[1], -cp[0].score))
-        self.grow_outlines(prep, prob, regions, [c.region for c, _ in kept])
+        grow_outlines(prep, prob, regions, [c.region for c, _ in kept], self.config.hu_window)
         kept = [(m, 1.0) for m in masses] + kept
         nodules, label_map = self._outline(volume, prep, prob, regions, kept)
         timings["postprocess"] = time.perf_counter() - t0
@@ -565,37 +566,6 @@ class Detector:
             warnings=input_warnings + list(prep.lungs.warnings),
             model_info={"name": self.name, "device": str(self.device), "card": self.config.card},
         )
-
-    def grow_outlines(self, prep: Prepared, prob: np.ndarray, regions: np.ndarray, ids: list[int]) -> None:
-        """Grow the outlines of large findings into the dense tissue around them (``regions`` and ``prob`` changed
-        in place, on the working grid ``[k, j, i]``).
-
-        Stage 1 outlines a finding by its 0.5 contour; on a working grid finer than it was trained on it sees a
-        large nodule magnified and outlines only its core. A finding of ``ids`` whose outline is at least
-        ``GROW_FROM_MM`` wide (equivalent sphere) takes in the voxels of at least ``GROW_HU`` connected to it inside
-        the lungs and not in another region, up to ``GROW_FRACTION`` of its radius away; they get probability 1.
-        """
-        if not ids:
-            return
-        spacing_kji = np.array(prep.geometry.spacing, float)[::-1]
-        lo, hi = self.config.hu_window
-        level = (GROW_HU - lo) / (hi - lo)
-        objects = ndimage.find_objects(regions)
-        for region in ids:
-            box = objects[region - 1]
-            if box is None:
-                continue
-            core = (regions[box] == region) & (prob[box] >= 0.5)
-            diameter = (6.0 * core.sum() * np.prod(spacing_kji) / np.pi) ** (1.0 / 3.0)
-            if diameter < GROW_FROM_MM:
-                continue
-            steps = int(np.ceil(GROW_FRACTION * diameter / 2.0 / spacing_kji.min()))
-            big = tuple(slice(max(0, b.start - steps), min(n, b.stop + steps)) for b, n in zip(box, regions.shape))
-            seed = (regions[big] == region) & (prob[big] >= 0.5)
-            allowed = (prep.image[big] >= level) & prep.lung[big] & ((regions[big] == 0) | (regions[big] == region))
-            grown = ndimage.binary_dilation(seed, iterations=steps, mask=allowed | seed)
-            regions[big][grown] = region
-            prob[big][grown & ~seed] = 1.0
 
     def _outline(self, volume: CTVolume, prep, prob: np.ndarray, regions: np.ndarray,
                  kept: list[tuple[Candidate, float]]) -> tuple[list[Nodule], np.ndarray]:
@@ -639,6 +609,40 @@ class Detector:
             kind = "mass" if diameter > self.config.mass_diameter_mm else "nodule"
             nodules.append(Nodule(n, tuple(float(v) for v in centre), diameter, vol, p, kind))
         return nodules, label_map
+
+
+def grow_outlines(prep: Prepared, prob: np.ndarray, regions: np.ndarray, ids: list[int],
+                  hu_window: tuple[float, float]) -> None:
+    """Grow the outlines of large findings into the dense tissue around them (``regions`` and ``prob`` changed
+    in place, on the working grid ``[k, j, i]``).
+
+    Stage 1 outlines a finding by its 0.5 contour; on a working grid finer than it was trained on it sees a
+    large nodule magnified and outlines only its core. A finding of ``ids`` whose outline is at least
+    ``GROW_FROM_MM`` wide (equivalent sphere) takes in the voxels of at least ``GROW_HU`` connected to it inside
+    the lungs and not in another region, up to ``GROW_FRACTION`` of its radius away (in steps of one voxel to its
+    18 neighbours); they get probability 1. ``hu_window``: the HU range the image's 0-1 spans.
+    """
+    if not ids:
+        return
+    spacing_kji = np.array(prep.geometry.spacing, float)[::-1]
+    lo, hi = hu_window
+    level = (GROW_HU - lo) / (hi - lo)
+    objects = ndimage.find_objects(regions)
+    for region in ids:
+        box = objects[region - 1]
+        if box is None:
+            continue
+        core = (regions[box] == region) & (prob[box] >= 0.5)
+        diameter = (6.0 * core.sum() * np.prod(spacing_kji) / np.pi) ** (1.0 / 3.0)
+        if diameter < GROW_FROM_MM:
+            continue
+        steps = int(np.ceil(GROW_FRACTION * diameter / 2.0 / spacing_kji.min()))
+        big = tuple(slice(max(0, b.start - steps), min(n, b.stop + steps)) for b, n in zip(box, regions.shape))
+        seed = (regions[big] == region) & (prob[big] >= 0.5)
+        allowed = (prep.image[big] >= level) & prep.lung[big] & ((regions[big] == 0) | (regions[big] == region))
+        grown = ndimage.binary_dilation(seed, GROW_STEP, iterations=steps, mask=allowed | seed)
+        regions[big][grown] = region
+        prob[big][grown & ~seed] = 1.0
 
 
 def _equivalent_diameter(voxels: np.ndarray, geometry: Geometry) -> np.ndarray:
