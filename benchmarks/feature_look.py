@@ -4,7 +4,8 @@ Reads two ``features.csv`` files written by ``nodule-detection fit-features`` (e
 label and measured features): fits ``features.fit`` on the first (training scans) with each feature subset asked
 for, and prints the CPM of the second set's candidates (the project's evaluator, against the second data set's
 annotations) scored by the model's present score (its stage weights, shape weight and temperature), by the feature
-model alone, and by their mix ``detect.feature_prior`` at each weight.
+model alone, and by their mix ``detect.feature_prior`` at each weight; and how many of the strongest false
+positives of each scan of a ``make-lesion-dataset`` folder are the same host structure in its other copies.
 
     python benchmarks/feature_look.py TRAIN/features.csv OTHER/features.csv OTHER_DATASET [--model M]
 """
@@ -59,6 +60,30 @@ def main() -> None:
         return evaluate(ds.findings(), cands, ds.seriesuids, n_bootstrap=0).cpm
 
     print(f"present score: CPM {cpm(present):.3f}")
+    # The strongest false positives of each copy: the same host structures in every copy of a host?
+    labels = read(args.other)[2]
+    names = np.array(scans)
+    host = np.array([s.split("-ins")[0] for s in scans])
+    top, repeated = 0, 0
+    for scan in np.unique(names):
+        fp = np.where((names == scan) & (labels == 0) & ~mass)[0]
+        for i in fp[np.argsort(-present[fp], kind="stable")[:8]]:
+            others = (host == host[i]) & (names != scan)
+            top += 1
+            repeated += bool(others.any() and np.min(np.linalg.norm(xyz[others] - xyz[i], axis=1)) <= 1.0)
+    print(f"the 8 strongest false positives of each scan: {repeated} of {top} lie within 1 mm of a candidate of "
+          "another copy of the same host")
+    strongest, below = [], []
+    for scan in np.unique(names):
+        here = (names == scan) & ~mass
+        fp = np.where(here & (labels == 0))[0]
+        strongest += list(fp[np.argsort(-present[fp], kind="stable")[:8]])
+        below += list(np.where(here & (labels == 1) & (present < present[fp].max()))[0])
+    print("median features | " + " | ".join(FEATURE_NAMES))
+    for name, idx in (("8 strongest false positives per scan", strongest),
+                      ("nodule hits below their scan's strongest false positive", below),
+                      ("all nodule hits", np.where((labels == 1) & ~mass)[0])):
+        print(f"{name} ({len(idx)}) | " + " | ".join(f"{v:.2f}" for v in np.median(feats[idx], axis=0)))
     for drop in [[]] + [d for d in args.drop if d]:
         keep = [i for i, n in enumerate(FEATURE_NAMES) if n not in drop]
         model = fit(np.nan_to_num(train_feats[:, keep]), train_labels)

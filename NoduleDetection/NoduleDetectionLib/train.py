@@ -590,7 +590,7 @@ class Trainer:
                                        self.settings.target_fp_per_scan,
                                        temperatures=(self.model.config.stage1.score_temperature,),
                                        dot_weights=(self.model.config.stage1.dot_weight,))
-        self.weight_cpm = {w: cpm for (_, _, w, _), (cpm, _, _) in point.grid.items()}
+        self.weight_cpm = {w: cpm for (_, _, w, _, _), (cpm, _, _) in point.grid.items()}
         self.model.config.stage2.weight = point.weight
         self.model.config.threshold = point.threshold
         return point.threshold
