@@ -212,6 +212,33 @@ def choose_operating_point(findings: Sequence[Finding], scores: dict[float, Vali
     return OperatingPoint(float(t), temp, float(w), float(a), float(f), threshold, cpm, grid)
 
 
+def _check_blob_candidates(blob_candidates: int | None) -> None:
+    if blob_candidates is not None and not 0 <= blob_candidates <= 1000:
+        raise InputError(f"--blob-candidates must be between 0 and 1000, got {blob_candidates}")
+
+
+def dataset_scores(detector: Detector, ds: Dataset, thresholds: Sequence[float], with_dot: bool = False,
+                   with_features: bool = False,
+                   progress: Callable[[str, float], None] | None = None) -> dict[float, ValidationScores]:
+    """``scan_scores`` of every scan of ``ds`` (masses as ``detect`` reports them), joined per candidate threshold.
+    ``progress(scan name, fraction done)``."""
+    from .io import read_ct
+
+    cfg = detector.config
+    parts: dict[float, list[ValidationScores]] = {float(t): [] for t in thresholds}
+    for n, scan in enumerate(ds.scans):
+        if progress is not None:
+            progress(scan.name, n / len(ds.scans))
+        volume = read_ct(scan.path, series_uid=scan.seriesuid if scan.path.is_dir() else None)
+        prep = prepare(volume, cfg.stage1.spacing_mm, cfg.hu_window)
+        for t, s in scan_scores(detector, scan.seriesuid, volume, prep, list(parts), with_masses=True,
+                                with_dot=with_dot, with_features=with_features).items():
+            parts[t].append(s)
+    if progress is not None:
+        progress("done", 1.0)
+    return {t: ValidationScores.concat(p) for t, p in parts.items()}
+
+
 def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str | os.PathLike | None = None,
               scans: Sequence[str] | None = None, candidate_thresholds: Sequence[float] | None = None,
               weights: Sequence[float] | None = None, temperatures: Sequence[float | None] | None = None,
@@ -233,7 +260,6 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     (the model with the chosen values and a ``calibration`` entry in its card), ``calibration.json`` and
     ``calibration.md`` into ``outdir``; returns their paths. ``progress(scan name, fraction done)``.
     """
-    from .io import read_ct
 
     candidate_thresholds = CANDIDATE_THRESHOLDS if candidate_thresholds is None else candidate_thresholds
     weights = STAGE_WEIGHTS if weights is None else weights
@@ -248,8 +274,7 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     if feature_weights is not None and (not feature_weights
                                         or any(not 0.0 <= float(f) <= 1.0 for f in feature_weights)):
         raise InputError(f"feature weights must be between 0 and 1, got {list(feature_weights)}")
-    if blob_candidates is not None and not 0 <= blob_candidates <= 1000:
-        raise InputError(f"--blob-candidates must be between 0 and 1000, got {blob_candidates}")
+    _check_blob_candidates(blob_candidates)
     if stage1_spacing_mm is not None and not 0.5 <= stage1_spacing_mm <= 3.0:
         raise InputError(f"--stage1-spacing must be between 0.5 and 3 mm, got {stage1_spacing_mm}")
     for t in list(candidate_thresholds) + list(weights):
@@ -284,20 +309,9 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
         feature_weights = FEATURE_WEIGHTS if cfg.stage2.features else (0.0,)
     elif not cfg.stage2.features and any(float(f) > 0 for f in feature_weights):
         raise InputError("the model has no candidate-feature model to weigh: fit one first (fit-features)")
-    thresholds = sorted({float(t) for t in candidate_thresholds})
     t0 = time.perf_counter()
-    parts: dict[float, list[ValidationScores]] = {t: [] for t in thresholds}
-    for n, scan in enumerate(ds.scans):
-        if progress is not None:
-            progress(scan.name, n / len(ds.scans))
-        volume = read_ct(scan.path, series_uid=scan.seriesuid if scan.path.is_dir() else None)
-        prep = prepare(volume, cfg.stage1.spacing_mm, cfg.hu_window)
-        for t, s in scan_scores(detector, scan.seriesuid, volume, prep, thresholds, with_masses=True,
-                                with_dot=with_dot).items():
-            parts[t].append(s)
-    if progress is not None:
-        progress("done", 1.0)
-    scores = {t: ValidationScores.concat(p) for t, p in parts.items()}
+    scores = dataset_scores(detector, ds, sorted({float(t) for t in candidate_thresholds}), with_dot=with_dot,
+                            progress=progress)
     point = choose_operating_point(ds.findings(), scores, ds.seriesuids, fp_per_scan, sorted(set(map(float, weights))),
                                    list(temperatures), sorted(set(map(float, dot_weights))),
                                    sorted(set(map(float, feature_weights))))
@@ -387,10 +401,8 @@ def fit_features(dataset: str | os.PathLike, outdir: str | os.PathLike, model: s
     ``features.csv`` (every candidate: scan, centre LPS mm, label, features) and ``features.md`` into ``outdir``;
     returns their paths. ``progress(scan name, fraction done)``.
     """
-    from .io import read_ct
 
-    if blob_candidates is not None and not 0 <= blob_candidates <= 1000:
-        raise InputError(f"--blob-candidates must be between 0 and 1000, got {blob_candidates}")
+    _check_blob_candidates(blob_candidates)
     if l2 < 0:
         raise InputError(f"--l2 must not be negative, got {l2}")
     ds = Dataset.open(dataset, list(scans) if scans is not None else None)
@@ -405,18 +417,8 @@ def fit_features(dataset: str | os.PathLike, outdir: str | os.PathLike, model: s
     if blob_candidates is not None:
         cfg.stage1.blob_candidates = int(blob_candidates)
     t0 = time.perf_counter()
-    parts = []
-    for n, scan in enumerate(ds.scans):
-        if progress is not None:
-            progress(scan.name, n / len(ds.scans))
-        volume = read_ct(scan.path, series_uid=scan.seriesuid if scan.path.is_dir() else None)
-        prep = prepare(volume, cfg.stage1.spacing_mm, cfg.hu_window)
-        t = cfg.stage1.candidate_threshold
-        parts.append(scan_scores(detector, scan.seriesuid, volume, prep, [t], with_masses=True,
-                                 with_features=True)[t])
-    if progress is not None:
-        progress("done", 1.0)
-    scores = ValidationScores.concat(parts)
+    t = cfg.stage1.candidate_threshold
+    scores = dataset_scores(detector, ds, [t], with_features=True, progress=progress)[t]
     labels = candidate_labels(ds.findings(), scores.scans, scores.centers)
     measured = ~np.isnan(scores.features).any(axis=1)  # masses are not measured
     labels = np.where(measured, labels, -1)

@@ -39,6 +39,11 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
                    help="only these scans: seriesuids or ct/ entry names, one per line")
 
 
+def _add_blob_candidates_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--blob-candidates", type=int, default=None, metavar="N",
+                   help="blob-filter proposals per scan to add to stage 1's candidates (default: the model's)")
+
+
 def _add_detect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "detect",
@@ -247,8 +252,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-weights", type=float, nargs="+", default=None, metavar="F",
                    help="weights of the candidate-feature model to try (default 0 0.25 0.5 0.75 1 for a model "
                    "with one, fit-features; else 0)")
-    p.add_argument("--blob-candidates", type=int, default=None, metavar="N",
-                   help="blob-filter proposals per scan to add to stage 1's candidates (default: the model's)")
+    _add_blob_candidates_option(p)
     p.add_argument("--stage1-spacing", type=float, default=None, metavar="MM",
                    help="working grid spacing (mm) for stage 1 (default: the model's; finer magnifies small nodules)")
     p.add_argument("--stage1-bf16", action="store_true", default=None,
@@ -310,8 +314,7 @@ def _add_fit_features(sub: argparse._SubParsersAction) -> None:
         ),
     )
     _add_dataset_options(p)
-    p.add_argument("--blob-candidates", type=int, default=None, metavar="N",
-                   help="blob-filter proposals per scan to add to stage 1's candidates (default: the model's)")
+    _add_blob_candidates_option(p)
     p.add_argument("--l2", type=float, default=1e-3, help="ridge penalty on the coefficients (default 0.001)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=_run_fit_features)
