@@ -8,6 +8,7 @@ from NoduleDetectionLib.blobs import ShapeFilter
 from NoduleDetectionLib.cli import main
 from NoduleDetectionLib.datasets import Finding
 from NoduleDetectionLib.detect import Detector, feature_prior
+from NoduleDetectionLib.errors import ModelError
 from NoduleDetectionLib.features import (
     FEATURE_NAMES,
     FeatureModel,
@@ -115,7 +116,7 @@ def test_fit_ranks_as_the_data_say_and_round_trips():
     np.testing.assert_allclose(again.score(x), score)
     with pytest.raises(ValueError, match="both"):
         fit(x, np.zeros(400, int))
-    with pytest.raises(ValueError, match="features"):
+    with pytest.raises(ModelError, match="features"):
         FeatureModel.from_config({**model.to_config(), "names": ["stage1_logit"]})
 
 

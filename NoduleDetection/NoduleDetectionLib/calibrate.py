@@ -1,25 +1,28 @@
 """Choosing a model's operating point on annotated scans, without changing its networks.
 
-Five numbers of a model decide what the detector reports, besides its weights: stage 1's candidate threshold
+Six numbers of a model decide what the detector reports, besides its weights: stage 1's candidate threshold
 (``Stage1Config.candidate_threshold``: a lower one proposes fainter regions), how stage 1 scores a candidate
 (``Stage1Config.score_temperature``: its highest probability, or its highest logit through a temperature, which
 keeps candidates apart where the probability saturates at 1), the weight of stage 2 against stage 1 in a
 finding's probability (``Stage2Config.weight``, see ``detect.fuse_scores``), the weight of the candidate's shape
-(``Stage1Config.dot_weight``, see ``detect.shape_prior``) and the default reporting threshold
+(``Stage1Config.dot_weight``, see ``detect.shape_prior``), the weight of its candidate-feature model where it has
+one (``Stage2Config.feature_weight``, see ``detect.feature_prior``) and the default reporting threshold
 (``ModelConfig.threshold``). Training picks the stage 2 weight and the threshold on its validation cases
-(``Trainer.choose_threshold``); ``calibrate`` picks all five afresh on a data set of annotated scans (real
+(``Trainer.choose_threshold``); ``calibrate`` picks all six afresh on a data set of annotated scans (real
 nodules, or lesions inserted by ``make-lesion-dataset``) and writes a copy of the model with them:
 
 1. per scan, stage 1 runs once; its candidates are taken at each candidate threshold tried, with masses
-   as ``Detector.detect`` finds them, stage 2 scores them and the dot filter rates their shape (``scan_scores``);
-2. every (candidate threshold, score temperature, stage weight, shape weight) setting is scored by the CPM of the
-   project's LUNA16 evaluator, and its default threshold is the lowest probability with at most ``fp_per_scan``
-   false positives per scan on the same scans (``choose_threshold``, clipped to 0.3-0.98);
+   as ``Detector.detect`` finds them, stage 2 scores them, the dot filter rates their shape and the feature model
+   their measured features (``scan_scores``);
+2. every (candidate threshold, score temperature, stage weight, shape weight, feature weight) setting is scored by
+   the CPM of the project's LUNA16 evaluator, and its default threshold is the lowest probability with at most
+   ``fp_per_scan`` false positives per scan on the same scans (``choose_threshold``, clipped to 0.3-0.98);
 3. the best CPM wins; ties go to a setting whose clipped threshold still keeps to ``fp_per_scan``, then to the
    higher candidate threshold, the larger weight, the highest-probability score (no temperature), the lowest
-   temperature, then the smallest shape weight (``choose_operating_point``).
+   temperature, then the smallest shape weight and the smallest feature weight (``choose_operating_point``).
 
-The scans used here become part of the model's tuning: report a model's accuracy on other scans.
+The scans used here become part of the model's tuning: report a model's accuracy on other scans. ``fit_features``
+fits the candidate-feature model itself (``features.FeatureModel``) on training scans' candidates.
 """
 
 from __future__ import annotations
@@ -260,7 +263,6 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     (the model with the chosen values and a ``calibration`` entry in its card), ``calibration.json`` and
     ``calibration.md`` into ``outdir``; returns their paths. ``progress(scan name, fraction done)``.
     """
-
     candidate_thresholds = CANDIDATE_THRESHOLDS if candidate_thresholds is None else candidate_thresholds
     weights = STAGE_WEIGHTS if weights is None else weights
     if not candidate_thresholds or not weights:
@@ -401,7 +403,6 @@ def fit_features(dataset: str | os.PathLike, outdir: str | os.PathLike, model: s
     ``features.csv`` (every candidate: scan, centre LPS mm, label, features) and ``features.md`` into ``outdir``;
     returns their paths. ``progress(scan name, fraction done)``.
     """
-
     _check_blob_candidates(blob_candidates)
     if l2 < 0:
         raise InputError(f"--l2 must not be negative, got {l2}")

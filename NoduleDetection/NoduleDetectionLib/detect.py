@@ -166,6 +166,7 @@ GROW_FROM_MM = 12.0
 GROW_HU = -500.0
 #: ... up to this fraction of their radius away.
 GROW_FRACTION = 0.5
+#: One growing step: from a voxel to its 18 face and edge neighbours.
 GROW_STEP = ndimage.generate_binary_structure(3, 2)
 
 #: A stage 1 tile may hold up to this many times ``Stage1Config.tile ** 3`` voxels. Tiles are boxes, not cubes,

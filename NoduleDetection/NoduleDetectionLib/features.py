@@ -22,6 +22,7 @@ from scipy import ndimage, optimize
 
 from .blobs import SCALES_MM, ShapeFilter, hessian_entries, symmetric_eigenvalues
 from .datasets import Finding
+from .errors import ModelError
 from .evaluate import match_radius_mm
 from .regions import region_sums
 
@@ -180,9 +181,9 @@ class FeatureModel:
 
     @classmethod
     def from_config(cls, data: dict) -> FeatureModel:
-        """From ``to_config`` output; a model over other features than ``FEATURE_NAMES`` is a ``ValueError``."""
+        """From ``to_config`` output; a model over other features than ``FEATURE_NAMES`` is a ``ModelError``."""
         if tuple(data.get("names", ())) != FEATURE_NAMES:
-            raise ValueError(f"the model's candidate features {data.get('names')} are not this version's "
+            raise ModelError(f"the model's candidate features {data.get('names')} are not this version's "
                              f"{list(FEATURE_NAMES)}")
         return cls(np.array(data["center"], float), np.array(data["scale"], float), np.array(data["coef"], float),
                    float(data["bias"]))
