@@ -66,7 +66,7 @@ def _features(scene):
     image, lung, geometry, regions, centres = scene
     shapes = ShapeFilter(image, geometry)
     ids = [1, 2, 3]
-    return candidate_features(image, lung, np.ones(3), shapes, regions, ids, centres, np.array([2.0, 1.0, 0.5]),
+    return candidate_features(image, lung, shapes, regions, ids, centres, np.array([2.0, 1.0, 0.5]),
                               np.array([0.9, 0.5, 0.1]), shapes.region_dotness(regions, ids),
                               np.array([False, False, True]), (-1000.0, 400.0))
 

@@ -1,7 +1,7 @@
 """``regions``: per-region maxima, sums and centres, the same numbers as scipy's labelled statistics."""
 
 import numpy as np
-from NoduleDetectionLib.regions import region_centroids, region_max, region_sums
+from NoduleDetectionLib.regions import region_centroids, region_counts, region_max, region_sums
 from scipy import ndimage
 
 
@@ -30,3 +30,12 @@ def test_region_sums_and_centroids_match_scipy_bit_for_bit():
                           np.array(ndimage.center_of_mass(values, regions, ids)))
     assert region_sums(values, regions, np.array([], int)).shape == (0,)
     assert region_centroids(values, regions, np.array([], int)).shape == (0, 3)
+
+
+def test_region_counts_match_scipy():
+    rng = np.random.default_rng(4)
+    regions, n = ndimage.label(rng.random((20, 30, 40)) > 0.9)
+    ids = np.array([n, 1, n // 2, n + 3])  # n + 3 labels no voxel
+    expected = ndimage.sum_labels(np.ones(regions.shape), regions, ids)
+    assert np.array_equal(region_counts(regions, ids), expected)
+    assert region_counts(regions, np.array([], int)).shape == (0,)

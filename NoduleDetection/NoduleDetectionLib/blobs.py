@@ -78,22 +78,8 @@ def smoothings(image: np.ndarray, spacing_kji: np.ndarray,
     return [ndimage.gaussian_filter(image, s_mm / spacing_kji, truncate=3.0) for s_mm in scales_mm]
 
 
-#: Voxels filtered at a time (``dot_filter``): bounds its index arrays to some tens of MB.
+#: Voxels filtered at a time (``_dot_values``): bounds its index arrays to some tens of MB.
 DOT_CHUNK = 1 << 17
-
-
-def dot_filter(image: np.ndarray, spacing_kji: np.ndarray, where: np.ndarray,
-               scales_mm: tuple[float, ...] = SCALES_MM, smoothed: Sequence[np.ndarray] | None = None) -> np.ndarray:
-    """Multi-scale Hessian dot filter of ``image`` ``[k, j, i]`` (voxel size ``spacing_kji`` mm), computed at the
-    voxels of ``where`` (0 elsewhere); ``float32``. The Hessian: central differences of the image smoothed by a
-    Gaussian of each scale, scaled by ``σ²``; ``smoothed``: those smoothings (``smoothings``), if already made."""
-    out = np.zeros(image.shape, np.float32)
-    idx = np.array(np.nonzero(where))
-    if idx.shape[1]:
-        spacing_kji = np.asarray(spacing_kji, float)
-        smoothed = smoothings(image, spacing_kji, scales_mm) if smoothed is None else smoothed
-        out[tuple(idx)] = _dot_values(idx, smoothed, spacing_kji, scales_mm)
-    return out
 
 
 def _dot_values(idx: np.ndarray, smoothed: Sequence[np.ndarray], spacing_kji: np.ndarray,
@@ -161,7 +147,9 @@ class ShapeFilter:
         return lung & (self.tophat >= MIN_TOPHAT)
 
     def dot(self, where: np.ndarray) -> np.ndarray:
-        """``dot_filter`` of the top-hat image at the voxels of ``where`` (``bool [k, j, i]``; 0 elsewhere)."""
+        """The multi-scale Hessian dot filter of the top-hat image at the voxels of ``where`` (``bool [k, j, i]``; 0
+        elsewhere; ``float32``): at each scale of ``SCALES_MM`` the Hessian of the smoothed image (central
+        differences, scaled by ``σ²``), its highest value over the scales."""
         missing = where & ~self._known
         idx = np.array(np.nonzero(missing))
         if idx.shape[1]:

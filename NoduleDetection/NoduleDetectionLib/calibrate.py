@@ -121,6 +121,7 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
     rate = with_features or feature_model is not None
     shapes = (ShapeFilter(prep.image, prep.geometry)
               if with_dot or rate or detector.config.stage1.blob_candidates > 0 else None)
+    found_masses = detector.find_masses(prep) if with_masses else []
     out = {}
     for t in thresholds:
         p = prob.copy() if with_masses else prob  # ``Detector.masses`` writes into its map
@@ -131,27 +132,23 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
         ids = [c.region for c in cands]  # each region's highest probability and logit, before masses are marked
         best = {name: dict(zip(ids, region_max(m, regions, ids)))
                 for name, m in (("prob", p), ("logit", logit))}
-        masses = detector.masses(prep, p, regions) if with_masses else []
+        masses = detector.masses(prep, p, regions, found_masses)
         cands = detector.outside_masses(cands, masses, regions, prep.geometry)
         ids = [c.region for c in cands]
         xyz = np.array([c.center_lps for c in cands]).reshape(-1, 3)
         s2 = detector.classify(volume, xyz) if use_stage2 else np.zeros(len(cands), np.float32)
-        dot = shapes.region_dotness(regions, ids) if with_dot or rate else np.ones(len(cands))
-        features = rating = None
-        if rate:
-            features = detector.candidate_features(prep, shapes, regions, cands, logit, s2, dot, first_blob)
+        dot = shapes.region_dotness(regions, ids) if with_dot or rate else None
+        features = (detector.candidate_features(prep, shapes, regions, cands, logit, s2, dot, first_blob)
+                    if rate else None)
         ones = np.ones(len(masses))
-        if feature_model is not None:
-            rating = np.concatenate([feature_model.score(features), ones])
-        if not with_dot:
-            dot = np.ones(len(cands))
+        rating = None if feature_model is None else np.concatenate([feature_model.score(features), ones])
         out[t] = ValidationScores(
             [name] * (len(cands) + len(masses)),
             np.concatenate([xyz, np.array([m.center_lps for m in masses]).reshape(-1, 3)]),
             np.concatenate([[best["prob"][i] for i in ids], ones]),
             np.concatenate([[best["logit"][i] for i in ids], ones * np.inf]),
             np.concatenate([s2.astype(float), ones]),
-            np.concatenate([dot, ones * np.inf]),
+            np.concatenate([dot if with_dot else np.ones(len(cands)), ones * np.inf]),
             rating,
             np.concatenate([features, np.full((len(masses), features.shape[1]), np.nan)]) if with_features else None,
         )

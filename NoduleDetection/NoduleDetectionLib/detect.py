@@ -38,7 +38,7 @@ from .io import validate_ct
 from .masses import find_masses
 from .models import ModelConfig, NoduleModel
 from .preprocess import Prepared, normalize_hu, prepare, sample_patches
-from .regions import region_centroids, region_max, region_sums
+from .regions import region_centroids, region_counts, region_max, region_sums
 from .registry import shipped_model_path
 from .volume import CTVolume
 
@@ -349,7 +349,7 @@ class Detector:
         score = self.region_scores(prob, regions, index, logit)
         centres_kji = region_centroids(prob, regions, index)
         core = region_sums(prob >= 0.5, regions, index)
-        size = region_sums(np.ones_like(prob, dtype=bool), regions, index)
+        size = region_counts(regions, index)
         diam = _equivalent_diameter(np.where(core > 0, core, size), geometry)
         centres_lps = geometry.index_to_lps(centres_kji[:, ::-1])
         order = np.argsort(-score, kind="stable")[: cfg.max_candidates]
@@ -431,9 +431,9 @@ class Detector:
         ids = np.array([c.region for c in cands], int)
         centres = np.array([c.center_lps for c in cands], float).reshape(-1, 3)
         centres_kji = prep.geometry.lps_to_index(centres).reshape(-1, 3)[:, ::-1]
-        return candidate_features(prep.image, prep.lung, np.array(prep.geometry.spacing, float)[::-1], shapes,
-                                  regions, ids, centres_kji, region_max(logit, regions, ids), stage2, dot,
-                                  ids >= first_blob, self.config.hu_window)
+        return candidate_features(prep.image, prep.lung, shapes, regions, ids, centres_kji,
+                                  region_max(logit, regions, ids), stage2, dot, ids >= first_blob,
+                                  self.config.hu_window)
 
     def find_masses(self, prep: Prepared) -> list[np.ndarray]:
         """The masks ``bool [k, j, i]`` of the masses (``masses.find_masses``) of a prepared scan."""
@@ -526,7 +526,7 @@ class Detector:
         blob_cands = self.blob_candidates(prep, prob, regions, logit, shapes)
         first_blob = blob_cands[0].region if blob_cands else int(regions.max()) + 1
         if blob_cands:  # the proposals' regions are numbered after stage 1's, the first lowest
-            prob[regions >= blob_cands[0].region] = 1.0  # a kept proposal is outlined by its region (``_outline``)
+            prob[regions >= first_blob] = 1.0  # a kept proposal is outlined by its region (``_outline``)
         cands += blob_cands
         timings["blobs"] = time.perf_counter() - t0
 

@@ -24,7 +24,7 @@ from .blobs import SCALES_MM, ShapeFilter, hessian_entries, symmetric_eigenvalue
 from .datasets import Finding
 from .errors import ModelError
 from .evaluate import match_radius_mm
-from .regions import region_sums
+from .regions import region_counts, region_sums
 
 #: The features, in the order of a feature vector (``candidate_features``).
 FEATURE_NAMES = (
@@ -58,14 +58,14 @@ def _logit(p: np.ndarray, limit: float = 15.0) -> np.ndarray:
     return np.clip(np.log(p / (1.0 - p)), -limit, limit)
 
 
-def candidate_features(image: np.ndarray, lung: np.ndarray, spacing_kji: np.ndarray, shapes: ShapeFilter,
+def candidate_features(image: np.ndarray, lung: np.ndarray, shapes: ShapeFilter,
                        regions: np.ndarray, ids: Sequence[int], centres_kji: np.ndarray,
                        stage1_logit: np.ndarray, stage2: np.ndarray, dot: np.ndarray,
                        blob: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
     """The ``FEATURE_NAMES`` of candidates, ``float64 (N, len(FEATURE_NAMES))``.
 
-    ``image``, ``lung``: the working grid's normalised image and lung mask ``[k, j, i]`` (voxel size
-    ``spacing_kji`` mm); ``shapes``: its ``ShapeFilter``; ``regions``: the candidates' label map there, ``ids``
+    ``image``, ``lung``: the working grid's normalised image and lung mask ``[k, j, i]``; ``shapes``: its
+    ``ShapeFilter`` (which holds the grid's voxel size); ``regions``: the candidates' label map there, ``ids``
     their regions; ``centres_kji``: their centres ``(N, 3)`` in working-grid index units ``(k, j, i)``;
     ``stage1_logit``: each region's highest stage 1 logit; ``stage2``: stage 2 probabilities; ``dot``: each
     region's highest dot filter value (``ShapeFilter.region_dotness``); ``blob``: whether a candidate is a blob
@@ -75,24 +75,26 @@ def candidate_features(image: np.ndarray, lung: np.ndarray, spacing_kji: np.ndar
     n = ids.size
     if n == 0:
         return np.zeros((0, len(FEATURE_NAMES)))
-    spacing_kji = np.asarray(spacing_kji, float)
+    spacing_kji = shapes.spacing_kji
     lo, hi = hu_window
-    voxels = region_sums(np.ones(regions.shape, bool), regions, ids)
+    voxels = region_counts(regions, ids)
     volume = voxels * float(np.prod(spacing_kji))
     mean_hu = lo + (hi - lo) * region_sums(image, regions, ids) / np.maximum(voxels, 1.0)
     mid, low = _hessian_ratios(shapes, np.round(centres_kji).astype(int).T)
     radius = np.clip((3.0 * volume / (4.0 * np.pi)) ** (1.0 / 3.0), 1.5, 15.0)
-    dense_level = (DENSE_HU - lo) / (hi - lo)
     dirs = sphere_directions()
     half = len(dirs) // 2
-    shells = []
-    for margin in SHELL_MARGINS_MM:
+
+    def sphere(volume_kji: np.ndarray, margin: float, order: int, mode: str) -> np.ndarray:
+        """``volume_kji`` sampled on each candidate's sphere ``margin`` mm beyond its radius: ``(N, directions)``."""
         points = centres_kji[:, None, :] + (radius[:, None, None] + margin) * dirs[None] / spacing_kji
-        coords = points.reshape(-1, 3).T
-        dense = ndimage.map_coordinates(image, coords, order=1, mode="nearest").reshape(n, -1) >= dense_level
-        inside = ndimage.map_coordinates(lung.astype(np.uint8), coords, order=0, mode="constant").reshape(n, -1)
-        shells.append((dense, inside > 0))
-    (dense_near, _), (dense_far, inside_far), (_, inside_wide) = shells
+        return ndimage.map_coordinates(volume_kji, points.reshape(-1, 3).T, order=order, mode=mode).reshape(n, -1)
+
+    near, far, wide = SHELL_MARGINS_MM
+    dense_level = (DENSE_HU - lo) / (hi - lo)
+    dense_near, dense_far = (sphere(image, m, 1, "nearest") >= dense_level for m in (near, far))
+    lung_u8 = lung.astype(np.uint8)
+    inside_far, inside_wide = (sphere(lung_u8, m, 0, "constant") > 0 for m in (far, wide))
     through = (dense_far[:, :half] & dense_far[:, half:]).mean(axis=1)
     ray_through, ray_most, ray_mean = _rays(image, spacing_kji, centres_kji, radius, dirs)
     return np.stack([

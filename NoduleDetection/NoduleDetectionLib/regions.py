@@ -31,6 +31,13 @@ def region_sums(values: np.ndarray, regions: np.ndarray, ids: np.ndarray) -> np.
     return _bincount(regions[labelled], values[labelled], ids)
 
 
+def region_counts(regions: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The number of voxels of each region ``ids`` of ``regions``; ``float64 (len(ids),)`` (``region_sums`` of ones,
+    without a full-grid array of ones)."""
+    ids = np.asarray(ids, int).reshape(-1)
+    return _bincount(regions[regions > 0], None, ids).astype(float)
+
+
 def region_centroids(values: np.ndarray, regions: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The ``values``-weighted centre of each region ``ids`` of ``regions``, in array index units ``(k, j, i)``;
     ``float64 (len(ids), 3)``. Bit for bit ``scipy.ndimage.center_of_mass(values, regions, ids)``, over the labelled
@@ -43,7 +50,7 @@ def region_centroids(values: np.ndarray, regions: np.ndarray, ids: np.ndarray) -
     return np.stack(axes, axis=1).reshape(-1, 3)
 
 
-def _bincount(labels: np.ndarray, weights: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def _bincount(labels: np.ndarray, weights: np.ndarray | None, ids: np.ndarray) -> np.ndarray:
     if ids.size == 0:
         return np.zeros(0)
     length = max(int(ids.max()), int(labels.max()) if labels.size else 0) + 1
