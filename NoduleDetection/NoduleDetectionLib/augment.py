@@ -17,10 +17,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from .geometry import Geometry
+from .volume import CTVolume
 
 Pair = tuple[np.ndarray, Optional[np.ndarray]]
 
@@ -273,6 +277,51 @@ class RandomSliceThickness:
         slices = _sample_axis0(thick, centres)
         back = (np.arange(image.shape[0]) - centres[0]) / width
         return _sample_axis0(slices, back), label
+
+
+def thicken_volume(volume: CTVolume, thickness_mm: float) -> CTVolume:
+    """``volume`` reconstructed with contiguous slices ``thickness_mm`` thick: the HU averaged over each slab of
+    that thickness along k (fractional slices at its ends weighted by their share), one slice per slab, so the
+    new k spacing is ``thickness_mm``. Slab centres keep their LPS positions; a voxel is padding if any voxel of
+    its slab was. ``metadata["slice_thickness_mm"]`` is set, so inserted lesions are imaged with that thickness.
+    A thickness at or below the k spacing returns ``volume`` unchanged.
+
+    Example:
+        >>> import numpy as np
+        >>> from NoduleDetectionLib.augment import thicken_volume
+        >>> from NoduleDetectionLib.geometry import Geometry
+        >>> from NoduleDetectionLib.volume import CTVolume
+        >>> v = CTVolume(np.arange(8, dtype=np.float32).reshape(8, 1, 1), Geometry((1, 1, 1), (0, 0, 0)))
+        >>> t = thicken_volume(v, 2.0)
+        >>> t.array.ravel().tolist(), t.geometry.spacing[2], t.geometry.origin[2]
+        ([0.5, 2.5, 4.5, 6.5], 2.0, 0.5)
+    """
+    dz = volume.geometry.spacing[2]
+    width = float(thickness_mm) / dz  # in input slices
+    if width <= 1.0:
+        return volume
+    count = int(np.floor(volume.array.shape[0] / width))
+    if count < 1:
+        raise ValueError(f"a {thickness_mm} mm slab is thicker than the scan ({volume.array.shape[0] * dz:.1f} mm)")
+    centres = (np.arange(count) + 0.5) * width - 0.5  # slab centres in input slices
+    src = volume.array
+    array = np.empty((count, *src.shape[1:]), np.float32)
+    padding = None if volume.padding_mask is None else np.zeros(array.shape, bool)
+    for n in range(count):
+        start, stop = n * width - 0.5, (n + 1) * width - 0.5  # the slab in input slice units
+        ks = np.arange(max(int(np.floor(start + 0.5)), 0), min(int(np.ceil(stop + 0.5)), src.shape[0]))
+        share = np.clip(np.minimum(ks + 0.5, stop) - np.maximum(ks - 0.5, start), 0.0, 1.0)
+        array[n] = np.tensordot(share / share.sum(), src[ks].astype(np.float32), axes=1)
+        if padding is not None:
+            padding[n] = volume.padding_mask[ks[share > 0]].any(axis=0)
+    g = volume.geometry
+    origin = np.asarray(g.origin) + g.direction[:, 2] * dz * centres[0]
+    geometry = Geometry((g.spacing[0], g.spacing[1], float(thickness_mm)), tuple(origin), g.direction)
+    dtype = volume.array.dtype
+    if np.issubdtype(dtype, np.integer):
+        array = np.rint(array)
+    return dataclasses.replace(volume, array=array.astype(dtype), geometry=geometry, padding_mask=padding,
+                               metadata={**volume.metadata, "slice_thickness_mm": float(thickness_mm)})
 
 
 class Compose:

@@ -24,9 +24,11 @@
       "elastic_mm": 0                      # stage 1: augmentation bends patches (displacement s.d., mm)
     }
 
-A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "insert": null | {"lesions_per_scan": 20,
-"copies": 4, "seed": 1, "mix": {...}, "distractors": 0}}`` (a LUNA16 folder, a folder laid out like
-``../shared/data``, a dataset exported from a Slicer scene, or a folder of unannotated scans), or
+A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "slice_mm": null, "insert": null |
+{"lesions_per_scan": 20, "copies": 4, "seed": 1, "mix": {...}, "distractors": 0}}`` (a LUNA16 folder, a folder
+laid out like ``../shared/data``, a dataset exported from a Slicer scene, or a folder of unannotated scans;
+``slice_mm``: reconstruct its scans with slices that thick before anything is inserted,
+``augment.thicken_volume``, so a thin-slice host also serves as a thick-slice one), or
 ``{"phantoms": n, "seed": s}`` for synthetic phantoms (tests and smoke runs only).
 
 Findings of a source are used as follows: ``nodule`` rows are positives (a sphere of their diameter is
@@ -61,6 +63,7 @@ import torch
 
 from . import __version__
 from .atomic import atomic_path, write_text_atomic
+from .augment import thicken_volume
 from .datasets import Dataset
 from .detect import resolve_device
 from .errors import InputError, NoduleDetectionError
@@ -107,6 +110,9 @@ def load_config(path: str | os.PathLike) -> dict:
                 raise InputError(f"training insertion seeds must be below {VALIDATION_SEED_BASE} "
                                  f"(validation lesion sets use {VALIDATION_SEED_BASE} and above)")
             lesion_mix(ins.get("mix") or {})
+            slab = source.get("slice_mm")
+            if slab is not None and not (_is_number(slab) and 0 < slab <= 10):
+                raise InputError(f"slice_mm must be a slice thickness of up to 10 mm, got {slab!r}")
             if not isinstance(ins.get("distractors", 0), int) or ins.get("distractors", 0) < 0:
                 raise InputError(f"insert.distractors must be a whole number of tubes per copy, got "
                                  f"{ins['distractors']!r}")
@@ -166,13 +172,17 @@ def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
                              **source.get("phantom_options", {}))
     ds = Dataset.open(source["path"], source.get("scans"))
     insert = source.get("insert")
+    slab = source.get("slice_mm")
     cases = []
     for n, scan in enumerate(ds.scans):
         volume = read_ct(scan.path)
+        suffix = ""
+        if slab is not None and slab > volume.geometry.spacing[2]:
+            volume, suffix = thicken_volume(volume, float(slab)), f"-{float(slab):g}mm"
         nodules = [(np.array(f.center_lps), float(f.diameter_mm)) for f in scan.annotations]
         ignore = [(np.array(f.center_lps), avoid_radius_mm(f.diameter_mm)) for f in (*scan.excluded, *scan.masses)]
         if not insert:
-            cases.append(TrainingCase(volume, None, nodules, ignore, name=scan.seriesuid))
+            cases.append(TrainingCase(volume, None, nodules, ignore, name=scan.seriesuid + suffix))
             continue
         lungs = lung_mask(volume).mask
         mix = lesion_mix(insert.get("mix") or {})
@@ -188,7 +198,7 @@ def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
             # Real nodules of a host keep their (unknown) outline out of the loss: ignore, not target.
             lesions = [(np.array(x.center_lps), x.diameter_mm) for x in inserted]
             cases.append(TrainingCase(new, labels, lesions, ignore + [(p, d / 2 + 2.0) for p, d in nodules],
-                                      name=f"{scan.seriesuid}-ins{int(insert.get('seed', seed))}-{copy}",
+                                      name=f"{scan.seriesuid}{suffix}-ins{int(insert.get('seed', seed))}-{copy}",
                                       kinds=[(x.spec.texture, x.spec.shape, x.spec.position) for x in inserted]))
             log.info("%s copy %d: %d lesions inserted", scan.name, copy, len(inserted))
     return cases
