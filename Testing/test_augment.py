@@ -19,7 +19,10 @@ from NoduleDetectionLib.augment import (
     RandomSliceThickness,
     flip,
     rot90_axial,
+    thicken_volume,
 )
+from NoduleDetectionLib.geometry import Geometry
+from NoduleDetectionLib.volume import CTVolume
 from scipy import ndimage
 
 SPACING = (0.8, 0.8, 1.5)  # x, y, z mm
@@ -200,3 +203,58 @@ def test_elastic_is_chosen_by_the_config():
     assert [t.elastic_mm for t in affine] == [2.0]
     assert [t.elastic_mm for t in stage1_augmentation(1.5).transforms if isinstance(t, RandomAffine)] == [0.0]
     assert settings_from_config({"train": [], "elastic_mm": 1.5}).elastic_mm == 1.5
+
+
+def test_thicken_volume_averages_slabs_and_keeps_positions():
+    """Each new slice is the mean of its slab (fractional slices weighted by their share); a ball keeps its LPS
+    centre, its contrast drops by partial volume; padding spreads to the slabs it touches; the direction's k axis
+    sets where the slabs lie."""
+    direction = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+    image, _ = _sphere_patch(center_kji=(20.0, 16.0, 20.0), radius_mm=3.0, shape=(48, 32, 40))
+    image = image.astype(np.int16)
+    padding = np.zeros(image.shape, bool)
+    padding[45] = True  # in the last slab (slices 42.8-46.2); slices 47-48 lie beyond it
+    volume = CTVolume(image, Geometry((0.8, 0.8, 1.5), (10.0, -20.0, 30.0), direction), padding_mask=padding,
+                      metadata={"modality": "CT"})
+    thick = thicken_volume(volume, 5.0)
+    assert thick.array.dtype == np.int16 and thick.array.shape == (14, 32, 40)  # floor(48 * 1.5 / 5)
+    assert thick.geometry.spacing == (0.8, 0.8, 5.0) and thick.metadata == {"modality": "CT",
+                                                                          "slice_thickness_mm": 5.0}
+    # slab 1 covers input slices 10/3-0.5 .. 20/3-0.5: 2.833..6.167, i.e. 1/6 of slice 3, 4, 5 and 2/3 of 6
+    w = np.array([0.1666667, 1, 1, 0.6666667, 0])
+    expected = np.tensordot(w / w.sum(), image[2:7].astype(np.float32), axes=1)
+    assert np.abs(thick.array[1].astype(np.float32) - expected).max() <= 0.5
+    old = volume.geometry.index_to_lps(np.array([20.0, 16.0, 20.0]))
+    mass = ndimage.center_of_mass(np.clip(thick.array.astype(float) + 850.0, 0, None))
+    new = thick.geometry.index_to_lps(np.array(mass[::-1]))
+    assert np.allclose(new, old, atol=0.3)
+    assert thick.array.max() < 0 < image.max()  # a 6 mm ball in 5 mm slabs loses contrast
+    assert thick.padding_mask[-1].all() and not thick.padding_mask[:-1].any()
+    assert thicken_volume(volume, 1.0) is volume
+    with pytest.raises(ValueError, match="thicker than the scan"):
+        thicken_volume(volume, 100.0)
+
+
+def test_slice_mm_of_a_training_source(tmp_path):
+    """``slice_mm`` reconstructs a source's scans before lesions are inserted and names its cases; bad values are
+    one-line config errors."""
+    import json
+
+    from NoduleDetectionLib.errors import InputError
+    from NoduleDetectionLib.io import write_volume
+    from NoduleDetectionLib.synthetic import make_phantom
+    from NoduleDetectionLib.train_run import cases_from_source, load_config
+
+    phantom = make_phantom(np.random.default_rng(0), shape=(32, 48, 56))
+    (tmp_path / "ct").mkdir()
+    write_volume(phantom.volume, tmp_path / "ct" / "host.nrrd")
+    (tmp_path / "annotations.csv").write_text("seriesuid,scan,coordX,coordY,coordZ,diameter_mm,status\n")
+    source = {"path": str(tmp_path), "slice_mm": 2.5 * phantom.volume.geometry.spacing[2]}
+    case, = cases_from_source(source, seed=0)
+    assert case.name == f"host-{source['slice_mm']:g}mm"
+    assert case.volume.geometry.spacing[2] == pytest.approx(source["slice_mm"])
+    for bad in (0, -1, 12, "5", True):
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps({"train": [{"path": ".", "slice_mm": bad}]}))
+        with pytest.raises(InputError, match="slice_mm"):
+            load_config(config)
