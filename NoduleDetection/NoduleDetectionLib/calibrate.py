@@ -41,7 +41,7 @@ import numpy as np
 from .atomic import check_writable, write_text_atomic
 from .blobs import ShapeFilter
 from .datasets import Dataset, Finding
-from .detect import Detector, feature_prior, fuse_scores, logit_score, shape_prior
+from .detect import Detector, feature_prior, fuse_scores, logit_score, outline_diameters, shape_prior
 from .errors import InputError
 from .evaluate import Candidate, evaluate
 from .features import FEATURE_NAMES, FeatureModel, candidate_labels, fit
@@ -68,8 +68,9 @@ class ValidationScores:
     """Candidates of annotated scans: scan name, centre (LPS mm), stage 1 highest probability and highest logit
     in the candidate's region, stage 2 probability, the region's dot filter value (``blobs.ShapeFilter``;
     infinite for a mass, which keeps probability 1), the candidate-feature model's rating (1 where the model has
-    none, and for a mass) and, where asked for, the measured features ``(N, F)`` (``features.FEATURE_NAMES``; NaN
-    for a mass)."""
+    none, and for a mass), where asked for, the measured features ``(N, F)`` (``features.FEATURE_NAMES``; NaN
+    for a mass), and the outline diameters (mm, ``detect.outline_diameters``; infinite for a mass) that
+    ``shape_prior`` weighs with the dot filter values (``None``: none is large)."""
 
     scans: list[str]
     centers: np.ndarray
@@ -79,6 +80,7 @@ class ValidationScores:
     dot: np.ndarray
     rating: np.ndarray | None = None
     features: np.ndarray | None = None
+    outline_mm: np.ndarray | None = None
 
     def candidates(self, weight: float | None, temperature: float | None = None,
                    dot_weight: float = 0.0, feature_weight: float = 0.0) -> list[Candidate]:
@@ -86,7 +88,8 @@ class ValidationScores:
         ``weight``; stage 1's score is its highest probability, or ``sigmoid(logit / temperature)``; then
         ``shape_prior`` with ``dot_weight`` and ``feature_prior`` with ``feature_weight``."""
         s1 = self.stage1 if temperature is None else logit_score(self.stage1_logit, temperature)
-        p = shape_prior(s1 if weight is None else fuse_scores(s1, self.stage2, weight), self.dot, dot_weight)
+        p = shape_prior(s1 if weight is None else fuse_scores(s1, self.stage2, weight), self.dot, dot_weight,
+                        self.outline_mm)
         if feature_weight:
             p = feature_prior(p, self.rating, feature_weight)
         return [Candidate(s, tuple(map(float, xyz)), float(v)) for s, xyz, v in zip(self.scans, self.centers, p)]
@@ -98,7 +101,7 @@ class ValidationScores:
             return cls([], np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0))
         joined = {name: np.concatenate([getattr(p, name) for p in parts])
                   for name in ("centers", "stage1", "stage1_logit", "stage2", "dot")}
-        for name in ("rating", "features"):
+        for name in ("rating", "features", "outline_mm"):
             values = [getattr(p, name) for p in parts]
             joined[name] = None if any(v is None for v in values) else np.concatenate(values)
         return cls([s for p in parts for s in p.scans], **joined)
@@ -138,6 +141,7 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
         xyz = np.array([c.center_lps for c in cands]).reshape(-1, 3)
         s2 = detector.classify(volume, xyz) if use_stage2 else np.zeros(len(cands), np.float32)
         dot = shapes.region_dotness(regions, ids) if with_dot or rate else None
+        outline = outline_diameters(p, regions, ids, prep.geometry, first_blob) if with_dot else None
         features = (detector.candidate_features(prep, shapes, regions, cands, logit, s2, dot, first_blob)
                     if rate else None)
         ones = np.ones(len(masses))
@@ -151,6 +155,7 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
             np.concatenate([dot if with_dot else np.ones(len(cands)), ones * np.inf]),
             rating,
             np.concatenate([features, np.full((len(masses), features.shape[1]), np.nan)]) if with_features else None,
+            np.concatenate([outline, ones * np.inf]) if with_dot else None,
         )
     return out
 

@@ -21,7 +21,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -30,7 +30,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from .blobs import ShapeFilter, blob_outline, find_blobs
+from .blobs import TOPHAT_SIZE_MM, ShapeFilter, blob_outline, find_blobs
 from .errors import NoduleDetectionError
 from .features import FeatureModel, candidate_features
 from .geometry import Geometry
@@ -52,6 +52,10 @@ CancelCallback = Callable[[], bool]
 DOT_FULL = 0.2
 #: ``shape_prior``: added to every dot filter value, so that a region with none (a plate, a tube) keeps a little.
 DOT_FLOOR = 0.005
+#: ``shape_prior`` leaves findings whose stage 1 outline is at least this wide (mm, equivalent sphere) unchanged: the
+#: dot filter works on a top-hat by a cube of ``blobs.TOPHAT_SIZE_MM``, which fits inside a ball from √3 times its
+#: side on, so the top-hat keeps only the rim of such a ball and the filter cannot see the ball.
+SHAPE_MAX_MM = TOPHAT_SIZE_MM * 3.0**0.5
 
 
 class Cancelled(NoduleDetectionError):
@@ -124,16 +128,33 @@ def fuse_scores(stage1: np.ndarray, stage2: np.ndarray, weight: float) -> np.nda
     return (s1 ** (1.0 - weight) * s2**weight).astype(np.float32)
 
 
-def shape_prior(probability: np.ndarray, dotness: np.ndarray, weight: float) -> np.ndarray:
+def shape_prior(probability: np.ndarray, dotness: np.ndarray, weight: float,
+                outline_mm: np.ndarray | None = None) -> np.ndarray:
     """A finding's probability scaled by its region's shape: ``p * min(1, (dot + DOT_FLOOR) / DOT_FULL) ** weight``.
 
     ``dotness``: the highest Hessian dot filter value in the region (``blobs.ShapeFilter``; dimensionless, high
     for a compact ball, low for a vessel, a branch point or a fissure); ``weight`` 0 returns ``probability`` itself.
+    ``outline_mm``: the findings' outline diameters (``outline_diameters``); those of at least ``SHAPE_MAX_MM`` keep
+    their probability.
     """
     if weight == 0:
         return np.asarray(probability)
     factor = np.minimum(1.0, (np.asarray(dotness, np.float64) + DOT_FLOOR) / DOT_FULL)
+    if outline_mm is not None:
+        factor = np.where(np.asarray(outline_mm) >= SHAPE_MAX_MM, 1.0, factor)
     return np.asarray(probability, np.float64) * factor**weight
+
+
+def outline_diameters(prob: np.ndarray, regions: np.ndarray, ids: Sequence[int], geometry: Geometry,
+                      first_blob: int) -> np.ndarray:
+    """Equivalent-sphere diameters (mm) of the stage 1 outlines of regions ``ids`` of the working-grid label map
+    ``regions`` ``[k, j, i]`` (``geometry``: its grid, LPS): each region's voxels with stage 1 probability ``prob``
+    at least 0.5, or all of them for a blob proposal (ids from ``first_blob``); ``float64 (len(ids),)``."""
+    ids = np.asarray(ids, int).reshape(-1)
+    if ids.size == 0:
+        return np.zeros(0)
+    core = np.where((prob >= 0.5) | (regions >= first_blob), regions, 0)
+    return _equivalent_diameter(region_counts(core, ids), geometry)
 
 
 def feature_prior(probability: np.ndarray, rating: np.ndarray, weight: float) -> np.ndarray:
@@ -545,8 +566,9 @@ class Detector:
         if dot_weight or feature_weight:
             t0 = time.perf_counter()
             step("candidate shapes", 0.0)
-            dot = shapes.region_dotness(regions, [c.region for c in cands])
-            p2 = shape_prior(p2, dot, dot_weight)
+            ids = [c.region for c in cands]
+            dot = shapes.region_dotness(regions, ids)
+            p2 = shape_prior(p2, dot, dot_weight, outline_diameters(prob, regions, ids, prep.geometry, first_blob))
             if feature_weight:
                 features = self.candidate_features(prep, shapes, regions, cands, logit, s2, dot, first_blob)
                 p2 = feature_prior(p2, self.feature_model().score(features), feature_weight)
