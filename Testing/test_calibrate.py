@@ -152,3 +152,29 @@ def test_calibrate_needs_nodule_annotations(tmp_path, tiny_model_path, capsys):
     (data / "annotations.csv").write_text("seriesuid,scan,coordX,coordY,coordZ,diameter_mm,status,source\n")
     assert main(["calibrate", str(data), "-o", str(tmp_path / "cal"), "--model", str(tiny_model_path)]) == 2
     assert "no nodule annotation" in capsys.readouterr().err
+
+
+def test_calibration_scores_what_detect_reports(tiny_model_path):
+    """``scan_scores`` rescored with a model's own settings gives the probabilities ``detect`` reports, candidate for
+    candidate: logit temperature, stage 2 weight, shape weight with the large findings it leaves alone, blob
+    proposals. (Otherwise ``calibrate`` would choose settings for another detector than the one that ships.)"""
+    from NoduleDetectionLib.calibrate import scan_scores
+    from NoduleDetectionLib.detect import SHAPE_MAX_MM, Detector
+    from NoduleDetectionLib.preprocess import prepare
+
+    model = NoduleModel.load(tiny_model_path)
+    cfg = model.config
+    cfg.stage1.dot_weight, cfg.stage1.blob_candidates, cfg.stage1.score_temperature = 0.5, 5, 8.0
+    cfg.stage2.weight = 0.25
+    detector = Detector(model, device="cpu")
+    phantom = make_phantom(np.random.default_rng(11), n_nodules=3, diameters_mm=(8.0, 24.0), n_vessels=4)
+    reported = detector.detect(phantom.volume, threshold=0.0).nodules
+    prep = prepare(phantom.volume, cfg.stage1.spacing_mm, cfg.hu_window)
+    t = cfg.stage1.candidate_threshold
+    scores = scan_scores(detector, "p", phantom.volume, prep, [t], with_masses=True, with_dot=True)[t]
+    rescored = scores.candidates(cfg.stage2.weight, cfg.stage1.score_temperature, cfg.stage1.dot_weight)
+    assert len(rescored) == len(reported) > 5
+    np.testing.assert_allclose(sorted(c.probability for c in rescored), sorted(n.probability for n in reported),
+                               rtol=1e-5)
+    assert (scores.outline_mm >= SHAPE_MAX_MM).sum() >= 1  # the exemption was exercised
+    assert (scores.outline_mm < SHAPE_MAX_MM).sum() >= 5

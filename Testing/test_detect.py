@@ -2,8 +2,20 @@
 
 import numpy as np
 import pytest
-from NoduleDetectionLib.detect import DOT_FLOOR, DOT_FULL, Cancelled, Detector, fuse_scores, grow_outlines, shape_prior
+from NoduleDetectionLib.blobs import TOPHAT_SIZE_MM
+from NoduleDetectionLib.detect import (
+    DOT_FLOOR,
+    DOT_FULL,
+    SHAPE_MAX_MM,
+    Cancelled,
+    Detector,
+    fuse_scores,
+    grow_outlines,
+    outline_diameters,
+    shape_prior,
+)
 from NoduleDetectionLib.errors import NoduleDetectionError
+from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.synthetic import make_phantom
 
 
@@ -85,6 +97,32 @@ def test_shape_prior_keeps_balls_and_lowers_the_rest():
                                [0.9, 0.9 * DOT_FLOOR / DOT_FULL, 0.5 * (0.05 + DOT_FLOOR) / DOT_FULL, 1.0], rtol=1e-6)
     half = shape_prior(p, dot, 0.5)
     assert np.all(shape_prior(p, dot, 1.0) <= half) and np.all(half <= p + 1e-7)
+
+
+def test_shape_prior_leaves_findings_too_large_for_the_dot_filter_alone():
+    """The top-hat's cube fits inside a ball from sqrt(3) times its side on; findings whose outline is at least that
+    wide keep their probability whatever their dot filter value, smaller ones are weighed as before."""
+    assert abs(SHAPE_MAX_MM - TOPHAT_SIZE_MM * np.sqrt(3.0)) < 1e-9 and 15.0 < SHAPE_MAX_MM < 16.0
+    p = np.array([0.9, 0.9, 0.9, 0.9])
+    dot = np.array([0.0, 0.0, 0.01, DOT_FULL])
+    outline = np.array([SHAPE_MAX_MM - 0.1, SHAPE_MAX_MM, 30.0, 5.0])
+    np.testing.assert_allclose(shape_prior(p, dot, 1.0, outline),
+                               [0.9 * DOT_FLOOR / DOT_FULL, 0.9, 0.9, 0.9], rtol=1e-6)
+    np.testing.assert_allclose(shape_prior(p, dot, 1.0, None), shape_prior(p, dot, 1.0))
+
+
+def test_outline_diameters_count_the_half_probability_core():
+    """A region's outline is its voxels at probability >= 0.5 (equivalent sphere, mm); a blob proposal's (ids from
+    ``first_blob``) is its whole region."""
+    geometry = Geometry((2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    regions = np.zeros((10, 10, 10), int)
+    prob = np.zeros((10, 10, 10), np.float32)
+    regions[:5, :5, :5] = 1
+    prob[:5, :5, :4] = 0.7  # 100 of its 125 voxels
+    regions[6:, 6:, 6:] = 2  # a blob proposal: 64 voxels, probability 0
+    diameters = outline_diameters(prob, regions, [1, 2], geometry, first_blob=2)
+    np.testing.assert_allclose(diameters, (6.0 * np.array([100, 64]) * 8.0 / np.pi) ** (1 / 3))
+    assert outline_diameters(prob, regions, [], geometry, first_blob=2).shape == (0,)
 
 
 def test_stage1_score_by_logit_through_a_temperature(tiny_model_path):
