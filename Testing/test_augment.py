@@ -248,7 +248,6 @@ def test_slice_mm_of_a_training_source(tmp_path):
     phantom = make_phantom(np.random.default_rng(0), shape=(32, 48, 56))
     (tmp_path / "ct").mkdir()
     write_volume(phantom.volume, tmp_path / "ct" / "host.nrrd")
-    (tmp_path / "annotations.csv").write_text("seriesuid,scan,coordX,coordY,coordZ,diameter_mm,status\n")
     source = {"path": str(tmp_path), "slice_mm": 2.5 * phantom.volume.geometry.spacing[2]}
     case, = cases_from_source(source, seed=0)
     assert case.name == f"host-{source['slice_mm']:g}mm"

@@ -370,6 +370,36 @@ def test_dataset_luna16_folder(tmp_path):
         Dataset.open(tmp_path, scans=["1.2.3.7"])
 
 
+def test_dataset_of_scans_without_annotations(tmp_path):
+    """A plain folder of image files and DICOM folders, or a ``ct/`` folder without ``annotations.csv``, lists
+    its scans with no findings (negatives, hosts for inserted lesions); two files of one scan are an error."""
+    write_mhd(tmp_path / "plain" / "host-b.nrrd")
+    write_mhd(tmp_path / "plain" / "host-a.nii.gz")
+    dicom = tmp_path / "plain" / "series"
+    dicom.mkdir()
+    image = sitk.Image(4, 4, 2, sitk.sitkInt16)
+    for k in range(2):
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        slice_ = image[:, :, k]
+        for key, value in (("0020|000e", "1.2.826.0.1.3680043.2.1125.7"), ("0020|0013", str(k + 1)),
+                           ("0008|0060", "CT"), ("0020|0032", f"0\\0\\{2.5 * k}")):
+            slice_.SetMetaData(key, value)
+        writer.SetFileName(str(dicom / f"{k}.dcm"))
+        writer.Execute(slice_)
+    (tmp_path / "plain" / "notes.txt").write_text("not a scan")
+    ds = Dataset.open(tmp_path / "plain")
+    assert ds.layout == "scans"
+    assert ds.seriesuids == ["host-a", "host-b", "1.2.826.0.1.3680043.2.1125.7"]
+    assert not ds.findings() and all(s.annotations == [] for s in ds.scans)
+    write_mhd(tmp_path / "shared" / "ct" / "x.nrrd")
+    shared = Dataset.open(tmp_path / "shared")
+    assert shared.layout == "shared" and shared.seriesuids == ["x"] and not shared.findings()
+    write_mhd(tmp_path / "plain" / "host-a.nrrd")
+    with pytest.raises(InputError, match="both scan host-a"):
+        Dataset.open(tmp_path / "plain")
+
+
 def test_dataset_luna16_needs_annotations(tmp_path):
     write_mhd(tmp_path / "1.2.3.1.mhd")
     with pytest.raises(InputError, match="annotations.csv"):

@@ -1,6 +1,6 @@
 """Annotated CT data sets: the findings of a scan and where its image lies.
 
-Two layouts are recognised:
+Three layouts are recognised:
 
 * **LUNA16**: ``subset*/<seriesuid>.mhd`` (or ``<seriesuid>.mhd`` at the top), ``annotations.csv``
   (``seriesuid,coordX,coordY,coordZ,diameter_mm``: the nodules) and, optionally,
@@ -9,7 +9,10 @@ Two layouts are recognised:
 * **shared** (the layout of ``../shared/data``): ``ct/`` holds one entry per scan (a DICOM folder or an
   image file) and one ``annotations.csv`` lists every finding with a ``scan`` column (the entry's name
   under ``ct/``) and a ``status`` column: ``nodule`` (a target), ``excluded`` (LUNA16's excluded findings)
-  or ``mass`` (a lesion over 30 mm: reported by a detector, but not a LUNA16 nodule).
+  or ``mass`` (a lesion over 30 mm: reported by a detector, but not a LUNA16 nodule). Without
+  ``annotations.csv`` its scans have no findings.
+* **scans**: a folder of image files (``.nrrd``, ``.nii(.gz)``, ``.mha``, ``.nhdr``) and DICOM folders with no
+  annotations (negatives, and hosts for inserted lesions); ``.mhd`` files make it a LUNA16 folder.
 
 All coordinates are world LPS millimetres, as SimpleITK reports physical points (the LUNA16 convention).
 This module only lists files and reads CSV tables; it never opens an image (``io.read_ct`` does).
@@ -84,7 +87,7 @@ class ScanEntry:
 
 @dataclass
 class Dataset:
-    """The scans of a LUNA16 or shared-layout folder, each with its findings.
+    """The scans of a LUNA16, shared-layout or plain folder of scans, each with its findings.
 
     Example::
 
@@ -111,10 +114,13 @@ class Dataset:
             raise InputError(f"data set folder {root} does not exist")
         if (root / "ct").is_dir():
             entries, layout = _shared_entries(root), "shared"
-        else:
+        elif (root / "annotations.csv").is_file() or any(root.glob("*.mhd")) or any(root.glob("subset*/*.mhd")):
             entries, layout = _luna16_entries(root), "luna16"
+        else:
+            entries, layout = _scan_entries(root), "scans"
         if not entries:
-            raise InputError(f"{root} holds no scan: expected subset*/*.mhd, *.mhd or ct/ entries")
+            raise InputError(f"{root} holds no scan: expected subset*/*.mhd, *.mhd, ct/ entries, image files or "
+                             "DICOM folders")
         return cls(root=root, layout=layout, scans=_select(entries, scans, root))
 
     @property
@@ -254,6 +260,8 @@ def _luna16_entries(root: Path) -> list[ScanEntry]:
 
 def _shared_entries(root: Path) -> list[ScanEntry]:
     annotations = root / "annotations.csv"
+    if not annotations.is_file():
+        return _scan_entries(root / "ct")
     rows, _ = read_table(annotations, ("seriesuid", "scan", *_COORD_COLUMNS, "diameter_mm", "status"))
     findings = read_findings(annotations)
     uid_of_entry: dict[str, str] = {}
@@ -270,6 +278,19 @@ def _shared_entries(root: Path) -> list[ScanEntry]:
         uid = uid_of_entry.get(path.name) or series_uid_of(path)
         entries[uid] = ScanEntry(seriesuid=uid, path=path)
     _attach(entries, findings)
+    return list(entries.values())
+
+
+def _scan_entries(folder: Path) -> list[ScanEntry]:
+    """Every image file (by extension) and folder (a DICOM series) in ``folder``, without findings."""
+    entries: dict[str, ScanEntry] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not (path.is_dir() or _without_suffix(path.name) != path.name):
+            continue
+        uid = series_uid_of(path)
+        if uid in entries:
+            raise InputError(f"{folder}: {entries[uid].name} and {path.name} are both scan {uid}")
+        entries[uid] = ScanEntry(seriesuid=uid, path=path)
     return list(entries.values())
 
 
