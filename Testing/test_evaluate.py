@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 
 import luna16_reference as ref
 import numpy as np
@@ -378,15 +379,19 @@ def test_dataset_of_scans_without_annotations(tmp_path):
     dicom = tmp_path / "plain" / "series"
     dicom.mkdir()
     image = sitk.Image(4, 4, 2, sitk.sitkInt16)
-    for k in range(2):
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        slice_ = image[:, :, k]
-        for key, value in (("0020|000e", "1.2.826.0.1.3680043.2.1125.7"), ("0020|0013", str(k + 1)),
-                           ("0008|0060", "CT"), ("0020|0032", f"0\\0\\{2.5 * k}")):
-            slice_.SetMetaData(key, value)
-        writer.SetFileName(str(dicom / f"{k}.dcm"))
-        writer.Execute(slice_)
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's DICOM writer leaves the process in the C locale
+    try:
+        for k in range(2):
+            writer = sitk.ImageFileWriter()
+            writer.KeepOriginalImageUIDOn()
+            slice_ = image[:, :, k]
+            for key, value in (("0020|000e", "1.2.826.0.1.3680043.2.1125.7"), ("0020|0013", str(k + 1)),
+                               ("0008|0060", "CT"), ("0020|0032", f"0\\0\\{2.5 * k}")):
+                slice_.SetMetaData(key, value)
+            writer.SetFileName(str(dicom / f"{k}.dcm"))
+            writer.Execute(slice_)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
     (tmp_path / "plain" / "notes.txt").write_text("not a scan")
     ds = Dataset.open(tmp_path / "plain")
     assert ds.layout == "scans"
