@@ -405,6 +405,22 @@ def test_dataset_of_scans_without_annotations(tmp_path):
         Dataset.open(tmp_path / "plain")
 
 
+def test_dataset_luna16_candidates_give_negatives(tmp_path):
+    """LUNA16's candidate tables: the class-0 points of ``candidates_V2.csv`` (preferred over ``candidates.csv``)
+    become the scans' negatives; class-1 points and other scans' points do not; a bad class is a one-line error."""
+    write_mhd(tmp_path / "subset0" / "1.2.3.1.mhd")
+    (tmp_path / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3.1,1,2,3,6.5\n")
+    (tmp_path / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n1.2.3.1,9,9,9,0\n")
+    (tmp_path / "candidates_V2.csv").write_text(
+        "seriesuid,coordX,coordY,coordZ,class\n1.2.3.1,1,2,3,1\n1.2.3.1,-40.5,10,-100,0\n1.2.3.9,0,0,0,0\n"
+        "1.2.3.1,20,30,-90,0\n")
+    scan, = Dataset.open(tmp_path).scans
+    assert scan.negatives == [(-40.5, 10.0, -100.0), (20.0, 30.0, -90.0)]
+    (tmp_path / "candidates_V2.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n1.2.3.1,1,2,3,2\n")
+    with pytest.raises(InputError, match="class '2' is not 0 or 1"):
+        Dataset.open(tmp_path)
+
+
 def test_dataset_luna16_needs_annotations(tmp_path):
     write_mhd(tmp_path / "1.2.3.1.mhd")
     with pytest.raises(InputError, match="annotations.csv"):

@@ -351,3 +351,21 @@ def test_mining_finds_tissue_negatives_when_stage_1_proposes_nothing():
     negatives = samples.centers[samples.labels == 0]
     for p, d in cases[0].case.lesions:
         assert (np.linalg.norm(negatives - np.asarray(p), axis=1) >= d / 2 + 3.0).all()
+
+
+def test_mining_keeps_listed_non_nodules_away_from_lesions():
+    """A case's listed non-nodules (LUNA16's class-0 candidates) become stage 2 negatives of their own source, at
+    most ``listed_per_case`` of them, never one near a lesion."""
+    config = ModelConfig(stage1=Stage1Config(spacing_mm=2.0, channels=(4, 8), tile=64, candidate_threshold=1.01))
+    model = NoduleModel.build(config, seed=0)
+    case, = phantom_cases(1, seed=3, shape=(32, 64, 80))
+    near = np.asarray(case.lesions[0][0], float) + 0.5
+    far = [case.volume.geometry.index_to_lps(np.array([5.0 + 3 * n, 10.0, 4.0])) for n in range(6)]
+    case.negatives = [near, *far]
+    prepared = [prepare_case(case, model)]
+    samples = mine_candidates(model, prepared, np.random.default_rng(0), dense_per_case=0, parenchyma_per_case=0,
+                              listed_per_case=4)
+    listed = samples.centers[samples.source == SAMPLE_SOURCES.index("listed_candidate")]
+    assert samples.counts()["listed_candidate"] == 4 and (samples.labels[samples.source == 5] == 0).all()
+    assert not any(np.allclose(p, near) for p in listed)
+    assert all(any(np.allclose(p, f) for f in far) for p in listed)

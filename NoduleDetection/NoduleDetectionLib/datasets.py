@@ -5,7 +5,9 @@ Three layouts are recognised:
 * **LUNA16**: ``subset*/<seriesuid>.mhd`` (or ``<seriesuid>.mhd`` at the top), ``annotations.csv``
   (``seriesuid,coordX,coordY,coordZ,diameter_mm``: the nodules) and, optionally,
   ``annotations_excluded.csv`` (same columns: findings that are neither targets nor false positives;
-  ``diameter_mm`` is -1 where no size exists).
+  ``diameter_mm`` is -1 where no size exists) and, optionally, ``candidates_V2.csv`` or ``candidates.csv``
+  (``seriesuid,coordX,coordY,coordZ,class``: the challenge's candidate points; those of class 0 are kept as
+  ``ScanEntry.negatives``, known non-nodules for training stage 2).
 * **shared** (the layout of ``../shared/data``): ``ct/`` holds one entry per scan (a DICOM folder or an
   image file) and one ``annotations.csv`` lists every finding with a ``scan`` column (the entry's name
   under ``ct/``) and a ``status`` column: ``nodule`` (a target), ``excluded`` (LUNA16's excluded findings)
@@ -66,6 +68,9 @@ class ScanEntry:
         annotations: target nodules (``status`` nodule).
         excluded: excluded findings (neither a hit nor a false positive in LUNA16 scoring).
         masses: lesions over 30 mm (shared layout only), scored apart from the nodules.
+        negatives: LUNA16 candidate points of class 0 (world LPS mm): false candidates of the challenge's
+            detectors, negatives for training stage 2 (LUNA16 layout only; ``candidates_V2.csv`` if present,
+            else ``candidates.csv``).
     """
 
     seriesuid: str
@@ -73,6 +78,7 @@ class ScanEntry:
     annotations: list[Finding] = field(default_factory=list)
     excluded: list[Finding] = field(default_factory=list)
     masses: list[Finding] = field(default_factory=list)
+    negatives: list[tuple[float, float, float]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -255,7 +261,28 @@ def _luna16_entries(root: Path) -> list[ScanEntry]:
     if excluded.is_file():
         findings += read_findings(excluded, status="excluded")
     _attach(entries, findings)
+    listed = next((p for p in (root / "candidates_V2.csv", root / "candidates.csv") if p.is_file()), None)
+    if listed is not None:
+        for uid, points in read_candidate_negatives(listed).items():
+            if uid in entries:
+                entries[uid].negatives = points
     return list(entries.values())
+
+
+def read_candidate_negatives(path: str | os.PathLike) -> dict[str, list[tuple[float, float, float]]]:
+    """The class-0 points (world LPS mm) of a LUNA16 candidates table (``seriesuid,coordX,coordY,coordZ,class``)
+    by seriesuid; a class other than 0 or 1 is an ``InputError``."""
+    path = Path(path)
+    rows, _ = read_table(path, ("seriesuid", *_COORD_COLUMNS, "class"))
+    out: dict[str, list[tuple[float, float, float]]] = {}
+    for line, row in rows:
+        label = row["class"].strip()
+        if label not in ("0", "1"):
+            raise InputError(f"{path}:{line}: class {label!r} is not 0 or 1")
+        if label == "0":
+            point = tuple(number(row, c, path, line) for c in _COORD_COLUMNS)
+            out.setdefault(row["seriesuid"].strip(), []).append(point)
+    return out
 
 
 def _shared_entries(root: Path) -> list[ScanEntry]:

@@ -95,6 +95,7 @@ class TrainingCase:
         ignore: ``(center_lps, radius_mm)`` regions that are neither positive nor negative.
         name: identifier used as seriesuid in validation.
         kinds: for inserted lesions, each lesion's ``(texture, shape, position)`` (``lesions`` order); else empty.
+        negatives: known non-nodule points (LPS mm; LUNA16's class-0 candidates), stage 2 negatives.
     """
 
     volume: CTVolume
@@ -103,6 +104,7 @@ class TrainingCase:
     ignore: list[tuple[np.ndarray, float]] = field(default_factory=list)
     name: str = ""
     kinds: list[tuple[str, str, str]] = field(default_factory=list)
+    negatives: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -300,7 +302,8 @@ def stage2_augmentation(spacing_mm: float, rotate: bool = False) -> Compose:
 @dataclass
 class Stage2Samples:
     """Sample centres (LPS mm) for stage 2 with labels 1 (lesion) / 0 (negative), their case index, and their
-    source (``SAMPLE_SOURCES``: lesion, stage 1 candidate, dense tissue, lung parenchyma, blob candidate)."""
+    source (``SAMPLE_SOURCES``: lesion, stage 1 candidate, dense tissue, lung parenchyma, blob candidate, listed
+    non-nodule)."""
 
     case: np.ndarray
     centers: np.ndarray
@@ -316,7 +319,7 @@ class Stage2Samples:
 
 
 #: Where stage 2 samples come from (``Stage2Samples.source``).
-SAMPLE_SOURCES = ("lesion", "stage1_candidate", "dense_tissue", "parenchyma", "blob_candidate")
+SAMPLE_SOURCES = ("lesion", "stage1_candidate", "dense_tissue", "parenchyma", "blob_candidate", "listed_candidate")
 #: Tissue denser than this (HU) inside the lung mask: vessels, airway walls, fissures, pleura.
 DENSE_HU = -500.0
 
@@ -327,13 +330,16 @@ def _hits(center: np.ndarray, balls: Sequence[tuple[np.ndarray, float]], min_rad
 
 def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.random.Generator,
                     device: str = "cpu", jitter_mm: float = 2.0, positives_per_lesion: int = 4,
-                    dense_per_case: int = 150, parenchyma_per_case: int = 50) -> Stage2Samples:
+                    dense_per_case: int = 150, parenchyma_per_case: int = 50,
+                    listed_per_case: int = 300) -> Stage2Samples:
     """Stage 2 samples of every case: stage 1's candidates and blob-filter proposals (``Detector.blob_candidates``,
     when the model has them; a hit lies within a lesion's radius), jittered
     lesion centres, and negatives drawn from the host's own tissue inside the lung mask (``dense_per_case``
     points of tissue over ``DENSE_HU``, ``parenchyma_per_case`` points anywhere), away from lesions and
-    ignore regions. The tissue negatives matter most when stage 1 has learnt the training hosts so well that it
-    proposes almost nothing but the lesions there, as it does with one host scan."""
+    ignore regions, and up to ``listed_per_case`` of the case's listed non-nodules (``TrainingCase.negatives``,
+    e.g. LUNA16's class-0 candidates) away from them too. The tissue negatives matter most when stage 1 has learnt
+    the training hosts so well that it proposes almost nothing but the lesions there, as it does with one host
+    scan."""
     detector = Detector(model, device=device)
     lo, hi = model.config.hu_window
     rows: list[tuple[int, np.ndarray, int, int]] = []  # case, centre, label, source
@@ -361,6 +367,10 @@ def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.r
             for p in c.prep.geometry.index_to_lps(picked[:, ::-1].astype(float)).reshape(-1, 3):
                 if not _hits(p, clear):
                     rows.append((n, p, 0, source))
+        listed = [np.asarray(p, float) for p in c.case.negatives if not _hits(np.asarray(p, float), clear)]
+        if listed and listed_per_case > 0:
+            for i in sorted(rng.choice(len(listed), min(listed_per_case, len(listed)), replace=False)):
+                rows.append((n, listed[i], 0, 5))
     return Stage2Samples(np.array([r[0] for r in rows], int), np.array([r[1] for r in rows], float).reshape(-1, 3),
                          np.array([r[2] for r in rows], int), np.array([r[3] for r in rows], int))
 

@@ -31,7 +31,8 @@ laid out like ``../shared/data``, a dataset exported from a Slicer scene, or a f
 ``augment.thicken_volume``, so a thin-slice host also serves as a thick-slice one), or
 ``{"phantoms": n, "seed": s}`` for synthetic phantoms (tests and smoke runs only).
 
-Findings of a source are used as follows: ``nodule`` rows are positives (a sphere of their diameter is
+Findings of a source are used as follows (and a LUNA16 folder's class-0 candidate points are stage 2
+negatives, ``train.mine_candidates``): ``nodule`` rows are positives (a sphere of their diameter is
 the stage 1 target); ``excluded`` and ``mass`` rows are ignore regions of radius ``max(d/2, 5 mm)``
 (point marks, ``d = -1``, get 5 mm: LIDC's point marks are nodules < 3 mm or non-nodule spots, and 5 mm
 covers them with a margin), so they are never positives nor negatives. With ``insert``, each scan is
@@ -181,8 +182,9 @@ def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
             volume, suffix = thicken_volume(volume, float(slab)), f"-{float(slab):g}mm"
         nodules = [(np.array(f.center_lps), float(f.diameter_mm)) for f in scan.annotations]
         ignore = [(np.array(f.center_lps), avoid_radius_mm(f.diameter_mm)) for f in (*scan.excluded, *scan.masses)]
+        listed = [np.array(p, float) for p in scan.negatives]
         if not insert:
-            cases.append(TrainingCase(volume, None, nodules, ignore, name=scan.seriesuid + suffix))
+            cases.append(TrainingCase(volume, None, nodules, ignore, name=scan.seriesuid + suffix, negatives=listed))
             continue
         lungs = lung_mask(volume).mask
         mix = lesion_mix(insert.get("mix") or {})
@@ -199,7 +201,8 @@ def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
             lesions = [(np.array(x.center_lps), x.diameter_mm) for x in inserted]
             cases.append(TrainingCase(new, labels, lesions, ignore + [(p, d / 2 + 2.0) for p, d in nodules],
                                       name=f"{scan.seriesuid}{suffix}-ins{int(insert.get('seed', seed))}-{copy}",
-                                      kinds=[(x.spec.texture, x.spec.shape, x.spec.position) for x in inserted]))
+                                      kinds=[(x.spec.texture, x.spec.shape, x.spec.position) for x in inserted],
+                                      negatives=listed))
             log.info("%s copy %d: %d lesions inserted", scan.name, copy, len(inserted))
     return cases
 
