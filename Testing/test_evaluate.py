@@ -408,17 +408,25 @@ def test_dataset_of_scans_without_annotations(tmp_path):
 def test_dataset_luna16_candidates_give_negatives(tmp_path):
     """LUNA16's candidate tables: the class-0 points of ``candidates_V2.csv`` (preferred over ``candidates.csv``)
     become the scans' negatives; class-1 points and other scans' points do not; a bad class is a one-line error."""
-    write_mhd(tmp_path / "subset0" / "1.2.3.1.mhd")
+    (tmp_path / "subset0").mkdir()
+    air = sitk.Image(8, 8, 4, sitk.sitkInt16) - 1000  # a CT of air: enough for read_ct
+    air.SetSpacing((0.7, 0.7, 2.5))
+    sitk.WriteImage(air, str(tmp_path / "subset0" / "1.2.3.1.mhd"))
     (tmp_path / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3.1,1,2,3,6.5\n")
     (tmp_path / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n1.2.3.1,9,9,9,0\n")
     (tmp_path / "candidates_V2.csv").write_text(
         "seriesuid,coordX,coordY,coordZ,class\n1.2.3.1,1,2,3,1\n1.2.3.1,-40.5,10,-100,0\n1.2.3.9,0,0,0,0\n"
         "1.2.3.1,20,30,-90,0\n")
-    scan, = Dataset.open(tmp_path).scans
+    scan, = Dataset.open(tmp_path, negatives=True).scans
     assert scan.negatives == [(-40.5, 10.0, -100.0), (20.0, 30.0, -90.0)]
+    assert Dataset.open(tmp_path).scans[0].negatives == []  # read only when asked for (training)
+    from NoduleDetectionLib.train_run import cases_from_source
+
+    case, = cases_from_source({"path": str(tmp_path)}, seed=0)  # a training source passes them on
+    assert [tuple(p) for p in case.negatives] == scan.negatives
     (tmp_path / "candidates_V2.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n1.2.3.1,1,2,3,2\n")
     with pytest.raises(InputError, match="class '2' is not 0 or 1"):
-        Dataset.open(tmp_path)
+        Dataset.open(tmp_path, negatives=True)
 
 
 def test_dataset_luna16_needs_annotations(tmp_path):

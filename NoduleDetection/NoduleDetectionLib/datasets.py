@@ -70,7 +70,7 @@ class ScanEntry:
         masses: lesions over 30 mm (shared layout only), scored apart from the nodules.
         negatives: LUNA16 candidate points of class 0 (world LPS mm): false candidates of the challenge's
             detectors, negatives for training stage 2 (LUNA16 layout only; ``candidates_V2.csv`` if present,
-            else ``candidates.csv``).
+            else ``candidates.csv``; read when ``Dataset.open`` is asked for them).
     """
 
     seriesuid: str
@@ -108,12 +108,13 @@ class Dataset:
     scans: list[ScanEntry]
 
     @classmethod
-    def open(cls, root: str | os.PathLike, scans: list[str] | None = None) -> Dataset:
+    def open(cls, root: str | os.PathLike, scans: list[str] | None = None, negatives: bool = False) -> Dataset:
         """List the scans under ``root`` with their findings.
 
         ``scans`` restricts the list: each item is a seriesuid or an entry name (with or without its
         extension); an item that names no scan raises ``InputError``. The order is that of ``scans``, or
-        sorted by entry name.
+        sorted by entry name. ``negatives``: also read a LUNA16 folder's candidate table into
+        ``ScanEntry.negatives`` (for training; it has about 750 000 rows).
         """
         root = Path(root)
         if not root.is_dir():
@@ -121,7 +122,7 @@ class Dataset:
         if (root / "ct").is_dir():
             entries, layout = _shared_entries(root), "shared"
         elif (root / "annotations.csv").is_file() or any(root.glob("*.mhd")) or any(root.glob("subset*/*.mhd")):
-            entries, layout = _luna16_entries(root), "luna16"
+            entries, layout = _luna16_entries(root, negatives), "luna16"
         else:
             entries, layout = _scan_entries(root), "scans"
         if not entries:
@@ -250,7 +251,7 @@ def _without_suffix(name: str) -> str:
     return name
 
 
-def _luna16_entries(root: Path) -> list[ScanEntry]:
+def _luna16_entries(root: Path, negatives: bool = False) -> list[ScanEntry]:
     images = sorted(root.glob("subset*/*.mhd")) or sorted(root.glob("*.mhd"))
     entries = {p.stem: ScanEntry(seriesuid=p.stem, path=p) for p in images}
     annotations = root / "annotations.csv"
@@ -262,7 +263,7 @@ def _luna16_entries(root: Path) -> list[ScanEntry]:
         findings += read_findings(excluded, status="excluded")
     _attach(entries, findings)
     listed = next((p for p in (root / "candidates_V2.csv", root / "candidates.csv") if p.is_file()), None)
-    if listed is not None:
+    if negatives and listed is not None:
         for uid, points in read_candidate_negatives(listed).items():
             if uid in entries:
                 entries[uid].negatives = points

@@ -171,7 +171,7 @@ def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
     if "phantoms" in source:
         return phantom_cases(int(source["phantoms"]), seed=int(source.get("seed", seed)),
                              **source.get("phantom_options", {}))
-    ds = Dataset.open(source["path"], source.get("scans"))
+    ds = Dataset.open(source["path"], source.get("scans"), negatives=True)
     insert = source.get("insert")
     slab = source.get("slice_mm")
     cases = []
