@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = Detector.load(args.model, "cpu").config
     _, _, train_labels, train_feats = read(args.train)
-    scans, xyz, _, feats = read(args.other)
+    scans, xyz, labels, feats = read(args.other)
     ds = Dataset.open(args.dataset)
     mass = np.isnan(feats).any(axis=1)
     col = {n: i for i, n in enumerate(FEATURE_NAMES)}
@@ -61,7 +61,6 @@ def main() -> None:
 
     print(f"present score: CPM {cpm(present):.3f}")
     # The strongest false positives of each copy: the same host structures in every copy of a host?
-    labels = read(args.other)[2]
     names = np.array(scans)
     host = np.array([s.split("-ins")[0] for s in scans])
     top, repeated = 0, 0

@@ -163,9 +163,15 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
 def choose_threshold(findings: Sequence[Finding], candidates: Sequence[Candidate], scans: Sequence[str],
                      fp_per_scan: float, bounds: tuple[float, float] = (0.3, 0.98)) -> float:
     """Lowest probability threshold whose false positives per scan stay ≤ ``fp_per_scan`` (clipped)."""
-    result = evaluate(findings, candidates, scans, n_bootstrap=0)
-    fps = np.sort(result.matching.fp_probability)[::-1]
-    allowed = int(np.floor(fp_per_scan * len(scans)))
+    fp_probability = evaluate(findings, candidates, scans, n_bootstrap=0).matching.fp_probability
+    return _threshold_for(fp_probability, len(scans), fp_per_scan, bounds)
+
+
+def _threshold_for(fp_probability: np.ndarray, n_scans: int, fp_per_scan: float,
+                   bounds: tuple[float, float] = (0.3, 0.98)) -> float:
+    """``choose_threshold`` from the false positives' probabilities of an evaluation over ``n_scans`` scans."""
+    fps = np.sort(fp_probability)[::-1]
+    allowed = int(np.floor(fp_per_scan * n_scans))
     t = float(np.nextafter(fps[allowed], 1.0)) if len(fps) > allowed else bounds[0]
     return float(np.clip(t, *bounds))
 
@@ -201,7 +207,7 @@ def choose_operating_point(findings: Sequence[Finding], scores: dict[float, Vali
                 for a, f in itertools.product(dot_weights, feature_weights):
                     cands = s.candidates(w, temp, a, f)
                     result = evaluate(findings, cands, scans, n_bootstrap=0)
-                    threshold = choose_threshold(findings, cands, scans, fp_per_scan)
+                    threshold = _threshold_for(result.matching.fp_probability, len(scans), fp_per_scan)
                     fps = float((result.matching.fp_probability >= threshold).sum()) / len(scans)
                     grid[(t, temp, w, a, f)] = (result.cpm, threshold, fps)
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from .blobs import TOPHAT_SIZE_MM, ShapeFilter, blob_outline, find_blobs
 from .errors import NoduleDetectionError
-from .features import FeatureModel, candidate_features
+from .features import DENSE_HU, FeatureModel, candidate_features
 from .geometry import Geometry
 from .io import validate_ct
 from .masses import find_masses
@@ -186,7 +186,7 @@ def resolve_device(device: str) -> torch.device:
 #: Findings whose stage 1 outline is at least this wide (mm, equivalent sphere) are grown (``grow_outlines``) ...
 GROW_FROM_MM = 12.0
 #: ... into the connected voxels of at least this density (HU) ...
-GROW_HU = -500.0
+GROW_HU = DENSE_HU
 #: ... up to this fraction of their radius away.
 GROW_FRACTION = 0.5
 #: One growing step: from a voxel to its 18 face and edge neighbours.
@@ -658,7 +658,7 @@ def grow_outlines(prep: Prepared, prob: np.ndarray, regions: np.ndarray, ids: li
         if box is None:
             continue
         core = (regions[box] == region) & (prob[box] >= 0.5)
-        diameter = (6.0 * core.sum() * np.prod(spacing_kji) / np.pi) ** (1.0 / 3.0)
+        diameter = float(_equivalent_diameter(core.sum(), prep.geometry))
         if diameter < GROW_FROM_MM:
             continue
         steps = int(np.ceil(GROW_FRACTION * diameter / 2.0 / spacing_kji.min()))

@@ -32,7 +32,8 @@ FEATURE_NAMES = (
     "hessian_low_ratio", "dense_near", "dense_far", "dense_through", "outside_lung_far", "outside_lung_wide",
     "blob_proposal", "ray_through", "ray_most", "ray_mean",
 )
-#: Tissue at least this dense (HU) counts as dense on the spheres around a candidate.
+#: Tissue at least this dense (HU) inside the lungs counts as dense: vessels, airway walls, fissures, pleura (the
+#: spheres around a candidate here; stage 2's tissue negatives, ``train``; large outlines' growth, ``detect``).
 DENSE_HU = -500.0
 #: Directions sampled on each sphere: ``SPHERE_DIRECTIONS // 2`` spread over a half sphere and their opposites.
 SPHERE_DIRECTIONS = 64

@@ -57,6 +57,7 @@ from .calibrate import ValidationScores, choose_operating_point, scan_scores
 from .datasets import Finding
 from .detect import Detector
 from .evaluate import evaluate
+from .features import DENSE_HU
 from .models import NoduleModel
 from .preprocess import Prepared, normalize_hu, prepare, resample, sample_patches
 from .volume import CTVolume
@@ -320,8 +321,6 @@ class Stage2Samples:
 
 #: Where stage 2 samples come from (``Stage2Samples.source``).
 SAMPLE_SOURCES = ("lesion", "stage1_candidate", "dense_tissue", "parenchyma", "blob_candidate", "listed_candidate")
-#: Tissue denser than this (HU) inside the lung mask: vessels, airway walls, fissures, pleura.
-DENSE_HU = -500.0
 
 
 def _hits(center: np.ndarray, balls: Sequence[tuple[np.ndarray, float]], min_radius: float = 0.0) -> bool:
@@ -367,7 +366,7 @@ def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.r
             for p in c.prep.geometry.index_to_lps(picked[:, ::-1].astype(float)).reshape(-1, 3):
                 if not _hits(p, clear):
                     rows.append((n, p, 0, source))
-        listed = [np.asarray(p, float) for p in c.case.negatives if not _hits(np.asarray(p, float), clear)]
+        listed = [p for p in c.case.negatives if not _hits(p, clear)]
         if listed and listed_per_case > 0:
             for i in sorted(rng.choice(len(listed), min(listed_per_case, len(listed)), replace=False)):
                 rows.append((n, listed[i], 0, 5))
