@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +77,8 @@ ATTACHED_POSITIONS = ("juxtapleural", "juxtavascular")
 #: HU above which a voxel of a small lesion's ``min_target_mm`` ball that is not the lesion's own is dense host
 #: tissue (chest wall, vessel) for ``TrainSettings.min_target_ignores_dense``.
 DENSE_HOST_HU = -300.0
+#: Training batches over which ``WeightAverage.apply`` recomputes batch-norm statistics for averaged weights.
+BN_BATCHES = 32
 
 
 def lesion_weight(diameter_mm: float) -> int:
@@ -110,11 +112,17 @@ class TrainingCase:
 
 @dataclass
 class StageSchedule:
-    """Optimisation settings of one stage: at most ``steps`` of ``batch`` samples, peak learning rate ``lr``."""
+    """Optimisation settings of one stage: at most ``steps`` of ``batch`` samples, peak learning rate ``lr``.
+
+    ``constant_lr``: the learning rate stays ``lr`` (else one cycle up to ``lr`` and down). ``average_from``: from
+    this step on (1: every step; 0: never) the stage's result is the running mean of its weights after each step
+    (``WeightAverage``), validated and kept in place of the weights of the last step."""
 
     steps: int = 200
     batch: int = 4
     lr: float = 1e-3
+    constant_lr: bool = False
+    average_from: int = 0
 
 
 @dataclass
@@ -460,7 +468,8 @@ class Trainer:
                   budget_share: float, state: dict | None, checkpoint: Callable[[dict], None] | None) -> None:
         wrapped = self._wrap(net)
         opt = torch.optim.AdamW(net.parameters(), lr=schedule.lr, weight_decay=1e-4)
-        lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=schedule.lr, total_steps=max(schedule.steps, 1))
+        lr_sched = (torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0) if schedule.constant_lr else
+                    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=schedule.lr, total_steps=max(schedule.steps, 1)))
         scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
         rng = np.random.default_rng([self.settings.seed, self.rank, 1 if stage == "stage1" else 2])
         start, best, best_state, stale = 0, -1.0, None, 0
@@ -471,6 +480,8 @@ class Trainer:
             rng.bit_generator.state = state["rng"]
             start, best, stale = int(state["step"]), float(state["best"]), int(state["stale"])
             best_state = state.get("best_net") or None
+        average = (WeightAverage(state.get("average") if state is not None and state.get("stage") == stage else None)
+                   if schedule.average_from else None)
         every = self.settings.validate_every or schedule.steps
         for step in range(start, schedule.steps):
             x, *rest = batch_fn(rng)
@@ -483,23 +494,33 @@ class Trainer:
             scaler.update()
             lr_sched.step()
             value = float(loss.detach())
+            if average is not None and step + 1 >= schedule.average_from:
+                average.update(net)
             record = {"stage": stage, "step": step + 1, "steps": schedule.steps, "loss": value, "val_cpm": None}
             last = step + 1 == schedule.steps or not self._budget_left(budget_share)
             if (step + 1) % every == 0 or last:
+                live = None
+                if average is not None and average.count:  # validate (and keep) the mean, then train on
+                    live = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                    bn_rng = np.random.default_rng([self.settings.seed, self.rank, 3])
+                    average.apply(net, (batch_fn(bn_rng)[0].to(self.device) for _ in range(BN_BATCHES)))
                 cpm = self.validate(use_stage2=stage == "stage2")
-                net.train()
                 record["val_cpm"] = cpm
                 if cpm is None or cpm > best:
                     best, stale = (cpm if cpm is not None else best), 0
                     best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
                 else:
                     stale += 1
+                if live is not None:
+                    net.load_state_dict(live)
+                net.train()
                 log.info("%s step %d: loss %.4f, validation CPM %s", stage, step + 1, value,
                          "n/a" if cpm is None else f"{cpm:.3f}")
                 if checkpoint is not None:
                     checkpoint({"stage": stage, "step": step + 1, "net": net.state_dict(), "opt": opt.state_dict(),
                                 "sched": lr_sched.state_dict(), "rng": rng.bit_generator.state, "best": best,
-                                "stale": stale, "best_net": best_state or {}})
+                                "stale": stale, "best_net": best_state or {},
+                                "average": average.state() if average is not None else {}})
             self.history.append(record)
             keep_going = self.hook(stage, step + 1, schedule.steps, value) if self.hook else True
             if record["val_cpm"] is not None and self.hook:
@@ -603,6 +624,38 @@ class Trainer:
         self.model.config.stage2.weight = point.weight
         self.model.config.threshold = point.threshold
         return point.threshold
+
+
+class WeightAverage:
+    """Running mean of a network's parameters over training steps (stochastic weight averaging, Izmailov et al.
+    2018: a mean of the weights a constant learning rate visits lies in a flatter part of the loss surface, which
+    tends to generalise better). Batch-norm statistics do not average: ``apply`` recomputes them for the mean."""
+
+    def __init__(self, state: dict | None = None) -> None:
+        self.mean: dict[str, torch.Tensor] = dict(state["mean"]) if state else {}
+        self.count = int(state["count"]) if state else 0
+
+    def update(self, net: torch.nn.Module) -> None:
+        """Add the network's present parameters to the mean."""
+        self.count += 1
+        with torch.no_grad():
+            for name, value in net.named_parameters():
+                if name not in self.mean:
+                    self.mean[name] = value.detach().float().clone()
+                else:
+                    self.mean[name] += (value.detach().float() - self.mean[name]) / self.count
+
+    def apply(self, net: torch.nn.Module, inputs: Iterable[torch.Tensor]) -> None:
+        """Load the mean into ``net`` and recompute its batch-norm statistics over ``inputs`` (training batches,
+        forward only)."""
+        with torch.no_grad():
+            for name, value in net.named_parameters():
+                value.copy_(self.mean[name])
+        torch.optim.swa_utils.update_bn(inputs, net)
+
+    def state(self) -> dict:
+        """For checkpoints (tensors and an int only)."""
+        return {"mean": {k: v.clone() for k, v in self.mean.items()}, "count": self.count}
 
 
 def _loss_stage1(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@
       "train": [SOURCE, ...],
       "validation": [SOURCE, ...],
       "stage1": {"steps": 1500, "batch": 4, "lr": 0.003},
-      "stage2": {"steps": 600, "batch": 32, "lr": 0.001},
+      "stage2": {"steps": 600, "batch": 32, "lr": 0.001},  # also "constant_lr": false, "average_from": 0
       "patch1": 48, "validate_every": 250, "patience": 4,
       "time_budget_minutes": 110, "target_fp_per_scan": 0.5,
       "balance_lesions": false,            # stage 1: sample lesions per lesion, weight small ones up
@@ -79,8 +79,10 @@ log = logging.getLogger(__name__)
 #: The two networks of a model, as named in ``init_stages``.
 STAGES = ("stage1", "stage2")
 #: Stage 1 settings of the config's ``model`` section that apply when fine-tuning too (they change what is
-#: proposed to stage 2, not the networks): e.g. a fine-tuned stage 2 learns to judge blob-filter proposals.
-FINE_TUNE_SETTINGS = ("blob_candidates",)
+#: proposed to stage 2 or the grid stage 1 works on, not the networks): e.g. a fine-tuned stage 2 learns to judge
+#: blob-filter proposals, and a stage 1 that ``calibrate`` set to a finer grid than it learnt on is fine-tuned on
+#: its own grid again (``spacing_mm``).
+FINE_TUNE_SETTINGS = ("blob_candidates", "spacing_mm")
 #: Training insertion seeds must stay below this; validation lesion sets use seeds from it upwards.
 VALIDATION_SEED_BASE = 1000
 
@@ -123,6 +125,17 @@ def load_config(path: str | os.PathLike) -> dict:
     elastic = config.get("elastic_mm", 0)
     if not (_is_number(elastic) and 0 <= elastic <= 10):
         raise InputError(f"elastic_mm must be a displacement of 0 to 10 mm, got {elastic!r}")
+    for stage in STAGES:
+        schedule = config.get(stage) or {}
+        unknown = set(schedule) - set(StageSchedule.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"{stage} has unknown setting(s) {sorted(unknown)}; known: "
+                             f"{sorted(StageSchedule.__dataclass_fields__)}")
+        start = schedule.get("average_from", 0)
+        if not (isinstance(start, int) and not isinstance(start, bool) and start >= 0):
+            raise InputError(f"{stage}.average_from must be a step number (0: no weight averaging), got {start!r}")
+        if not isinstance(schedule.get("constant_lr", False), bool):
+            raise InputError(f"{stage}.constant_lr must be true or false, got {schedule['constant_lr']!r}")
     stages = config.get("init_stages", list(STAGES))
     if not isinstance(stages, list) or not set(stages) <= set(STAGES):
         raise InputError(f"init_stages must be a list of {' and '.join(STAGES)}, got {stages!r}")
