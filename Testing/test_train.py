@@ -1,5 +1,6 @@
 """The training command: a short run on phantoms, resume after interruption, and DDP with 2 processes."""
 
+import io
 import json
 import os
 import subprocess
@@ -16,9 +17,13 @@ from NoduleDetectionLib.evaluate import Candidate
 from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.models import ModelConfig, NoduleModel, Stage1Config
 from NoduleDetectionLib.train import (
+    BN_BATCHES,
     DENSE_HOST_HU,
     MIN_HIT_RADIUS_MM,
     SAMPLE_SOURCES,
+    StageSchedule,
+    Trainer,
+    TrainSettings,
     lesion_weight,
     mine_candidates,
     phantom_cases,
@@ -114,6 +119,13 @@ def test_config_errors_are_one_line(tmp_path):
     for weight in (0, -1, "4", True):
         with pytest.raises(InputError, match="small_attached_weight"):
             load_config(_write(tmp_path, dict(SHORT, small_attached_weight=weight)))
+    for start in (-1, 2.5, True):
+        with pytest.raises(InputError, match="average_from"):
+            load_config(_write(tmp_path, dict(SHORT, stage1={"steps": 4, "average_from": start})))
+    with pytest.raises(InputError, match="constant_lr"):
+        load_config(_write(tmp_path, dict(SHORT, stage2={"constant_lr": "yes"})))
+    with pytest.raises(InputError, match="unknown setting"):
+        load_config(_write(tmp_path, dict(SHORT, stage1={"step": 4})))
 
 
 def test_small_attached_lesions_are_drawn_more_often():
@@ -162,6 +174,53 @@ def test_distractors_change_the_scan_not_the_labels(tmp_path):
     assert np.array_equal(plain.label_map, tubes.label_map)
     added = tubes.volume.array.astype(int) - plain.volume.array
     assert (added > 200).sum() > 20 and not (added[plain.label_map > 0]).any()
+
+
+def _averaging_trainer(model, cases, hook=None):
+    settings = TrainSettings(stage1=StageSchedule(steps=6, batch=2, lr=0.01, constant_lr=True, average_from=3),
+                             patch1=24, validate_every=2)
+    return Trainer(model, cases, [], settings, hook=hook)
+
+
+def test_stage1_keeps_the_mean_of_its_weights_and_resumes_it():
+    """With ``average_from`` 3 the U-net ends with the mean of its parameters after steps 3 to 6 (not the last
+    step's) and batch-norm statistics recomputed for that mean; a run resumed from the checkpoint of step 4 (the
+    mean of two steps in it) ends with the same weights as the run that was not stopped."""
+    model = NoduleModel.build(ModelConfig(stage1=Stage1Config(spacing_mm=2.0, channels=(4, 8), tile=64)), seed=0)
+    cases = [prepare_case(c, model) for c in phantom_cases(2, seed=1, shape=(32, 64, 80))]
+    start = {k: v.clone() for k, v in model.stage1.state_dict().items()}
+    params, states = {}, []
+
+    def hook(stage, step, steps, loss):
+        params[step] = {k: v.detach().clone() for k, v in model.stage1.named_parameters()}
+        return True
+
+    _averaging_trainer(model, cases, hook).train_stage1(checkpoint=lambda s: states.append(_saved(s)))
+    states = [torch.load(s, weights_only=True) for s in states]  # as a checkpoint file holds them
+    assert sorted(params) == list(range(1, 7))
+    for name, value in model.stage1.named_parameters():
+        mean = sum(params[i][name] for i in range(3, 7)) / 4
+        assert torch.allclose(value, mean, atol=1e-6), name
+        assert not torch.allclose(value, params[6][name]), name
+    batch_norms = [m for m in model.stage1.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert batch_norms and all(int(m.num_batches_tracked) == BN_BATCHES for m in batch_norms)
+    assert [s["step"] for s in states] == [2, 4, 6] and states[1]["average"]["count"] == 2
+    assert states[0]["average"]["count"] == 0
+    averaged = {k: v.clone() for k, v in model.stage1.state_dict().items()}
+
+    model.stage1.load_state_dict(start)
+    resumed = _averaging_trainer(model, cases)
+    resumed.train_stage1(states[1])
+    for key, value in model.stage1.state_dict().items():
+        assert torch.allclose(value.float(), averaged[key].float(), atol=1e-5), key
+
+
+def _saved(obj) -> io.BytesIO:
+    """``obj`` saved by ``torch.save`` at this moment (the trainer goes on changing the tensors it holds)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def test_fine_tuning_can_keep_stage1_and_train_stage2_afresh(tmp_path):
