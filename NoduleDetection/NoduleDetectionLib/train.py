@@ -473,6 +473,7 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
         rng = np.random.default_rng([self.settings.seed, self.rank, 1 if stage == "stage1" else 2])
         start, best, best_state, stale = 0, -1.0, None, 0
+        average = WeightAverage() if schedule.average_from else None
         if state is not None and state.get("stage") == stage:
             net.load_state_dict(state["net"])
             opt.load_state_dict(state["opt"])
@@ -480,8 +481,8 @@ class Trainer:
             rng.bit_generator.state = state["rng"]
             start, best, stale = int(state["step"]), float(state["best"]), int(state["stale"])
             best_state = state.get("best_net") or None
-        average = (WeightAverage(state.get("average") if state is not None and state.get("stage") == stage else None)
-                   if schedule.average_from else None)
+            if average is not None:
+                average = WeightAverage(state.get("average"))
         every = self.settings.validate_every or schedule.steps
         for step in range(start, schedule.steps):
             x, *rest = batch_fn(rng)
