@@ -232,3 +232,58 @@ def test_large_outlines_grow_into_their_dense_tissue():
     assert grown.sum() == (big & lung & ~other).sum()  # 16 mm core, 4 mm more allowed: the whole ball
     assert (prob[grown] >= 0.5).all() and (regions == 3).sum() == other.sum()
     assert (regions == 2).sum() == ball((20, 20, 52), 3.0).sum()  # 6 mm: below GROW_FROM_MM, not grown
+
+
+def test_stage1_batch_norm_adapted_to_the_scan(tiny_model_path, phantom):
+    """``stage1.bn_adapt``: stage 1's batch-norm statistics become that share of the scan's own (measured on patches
+    centred in its lungs) plus the rest of the trained ones; the same scan gives the same network; 0 leaves the
+    trained network."""
+    import copy
+
+    import torch
+    from NoduleDetectionLib.detect import BN_ADAPT_BATCH, BN_ADAPT_PATCH, adapt_batch_norm
+    from NoduleDetectionLib.preprocess import prepare
+    from torch import nn
+
+    plain = Detector.load(tiny_model_path, device="cpu")
+    net = plain.model.stage1
+
+    def stats(module):
+        return [(m.running_mean.clone(), m.running_var.clone()) for m in module.modules()
+                if isinstance(m, nn.BatchNorm3d)]
+
+    trained = stats(net)
+    # A uniform scan: every patch is the same, so the first layer's statistics are known without the draw.
+    uniform = np.full((80, 80, 80), 0.3, np.float32)
+    lung = np.zeros(uniform.shape, bool)
+    lung[30:50, 30:50, 30:50] = True  # patches centred here lie inside the image
+    full = adapt_batch_norm(net, uniform, lung, 1.0)
+    conv = net.down[0][0]  # the first convolution, before the first batch norm
+    with torch.no_grad():
+        out = conv(torch.full((BN_ADAPT_BATCH, 1) + (BN_ADAPT_PATCH,) * 3, 0.3))
+    first_mean, first_var = stats(full)[0]
+    torch.testing.assert_close(first_mean, out.mean(dim=(0, 2, 3, 4)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first_var, out.var(dim=(0, 2, 3, 4), unbiased=True), rtol=1e-3, atol=1e-6)
+    assert stats(net)[0][0].equal(trained[0][0])  # the model's own network is untouched
+
+    image = prepare(phantom.volume, plain.config.stage1.spacing_mm, plain.config.hu_window)
+    one = stats(adapt_batch_norm(net, image.image, image.lung, 1.0))
+    half = stats(adapt_batch_norm(net, image.image, image.lung, 0.5))
+    assert all(m.equal(m2) and v.equal(v2) for (m, v), (m2, v2) in
+               zip(one, stats(adapt_batch_norm(net, image.image, image.lung, 1.0))))
+    assert not all(torch.allclose(m, t) for (m, _), (t, _) in zip(one, trained))
+    for (m1, v1), (mh, vh), (mt, vt) in zip(one, half, trained):
+        torch.testing.assert_close(mh, 0.5 * m1 + 0.5 * mt)
+        torch.testing.assert_close(vh, 0.5 * v1 + 0.5 * vt)
+    # Patches centred in the lungs, not anywhere: a scan bright outside a small lung measures otherwise without it.
+    outside = np.where(image.lung, image.image, 1.0).astype(np.float32)
+    assert not stats(adapt_batch_norm(net, outside, image.lung, 1.0))[0][0].equal(
+        stats(adapt_batch_norm(net, outside, None, 1.0))[0][0])
+
+    assert plain.stage1_network(image.image, image.lung) is plain.stage1
+    model = copy.deepcopy(plain.model)
+    model.config.stage1.bn_adapt = 1.0
+    adapted = Detector(model, device="cpu")
+    prob = adapted.probability_map(image.image, image.lung)
+    assert np.array_equal(prob, adapted.probability_map(image.image, image.lung))
+    assert not np.allclose(prob, plain.probability_map(image.image, image.lung))

@@ -69,7 +69,7 @@ def lesion_rows(ds: Dataset, detector: Detector, blobs: int) -> tuple[list[dict]
             continue
         volume = read_ct(scan.path)
         prep = prepare(volume, detector.config.stage1.spacing_mm, detector.config.hu_window)
-        prob, logit = detector.stage1_maps(prep.image)
+        prob, logit = detector.stage1_maps(prep.image, prep.lung)
         cands, regions = detector.candidates(prob, prep.lung, prep.geometry, logit=logit)
         extra = detector.blob_candidates(prep, prob, regions, logit)
         centres = np.array([f.center_lps for f in nodules])

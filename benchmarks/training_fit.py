@@ -56,7 +56,7 @@ def fit_table(config_path: Path, models: list[Path], copies: int, threshold: flo
             prepared[grid] = [prepare(case.volume, *grid) for case in cases]
         counts = np.zeros((len(POSITIONS), len(BAND_NAMES), 2), int)
         for case, prep in zip(cases, prepared[grid]):
-            prob, _ = detector.stage1_maps(prep.image)
+            prob, _ = detector.stage1_maps(prep.image, prep.lung)
             for (centre, diameter), (_, _, position) in zip(case.lesions, case.kinds):
                 kji = np.round(prep.geometry.lps_to_index(np.asarray(centre))[::-1]).astype(int)
                 box = tuple(slice(max(a - SEARCH_VOXELS, 0), a + SEARCH_VOXELS + 1) for a in kji)

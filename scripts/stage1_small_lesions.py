@@ -35,7 +35,7 @@ def probe(model_path: Path, dataset: Path, scans: list[str] | None) -> None:
     rows = []
     for scan in Dataset.open(dataset, scans).scans:
         prep = prepare(read_ct(scan.path), model.config.stage1.spacing_mm, model.config.hu_window)
-        prob, _ = detector.stage1_maps(prep.image)
+        prob, _ = detector.stage1_maps(prep.image, prep.lung)
         spacing = min(prep.geometry.spacing)
         for f in scan.annotations:
             kji = np.round(prep.geometry.lps_to_index(np.array([f.center_lps]))[0][::-1]).astype(int)

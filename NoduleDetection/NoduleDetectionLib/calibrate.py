@@ -119,7 +119,7 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
     ``detect`` does. Dot filter values are ones unless ``with_dot``. The candidate-feature model's ratings are
     made where the model has one, and the features themselves with ``with_features``.
     """
-    prob, logit = detector.stage1_maps(prep.image, logits=True)
+    prob, logit = detector.stage1_maps(prep.image, prep.lung, logits=True)
     feature_model = detector.feature_model()
     rate = with_features or feature_model is not None
     shapes = (ShapeFilter(prep.image, prep.geometry)
@@ -255,8 +255,8 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
               weights: Sequence[float] | None = None, temperatures: Sequence[float | None] | None = None,
               dot_weights: Sequence[float] | None = None, feature_weights: Sequence[float] | None = None,
               blob_candidates: int | None = None,
-              stage1_spacing_mm: float | None = None, stage1_bf16: bool | None = None, fp_per_scan: float = 0.5,
-              device: str = "auto",
+              stage1_spacing_mm: float | None = None, stage1_bf16: bool | None = None,
+              bn_adapt: float | None = None, fp_per_scan: float = 0.5, device: str = "auto",
               overwrite: bool = False, progress: Callable[[str, float], None] | None = None) -> dict[str, Path]:
     """Choose ``model``'s operating point on the annotated scans of ``dataset`` (see the module docs).
 
@@ -267,9 +267,11 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     candidate-feature model, ``fit_features``; else 0). ``blob_candidates``: set the model's number of blob-filter
     proposals per scan first (default: keep it). ``stage1_spacing_mm``: run stage 1 on a working grid of this
     spacing (mm) first (default: keep it; a finer grid than the one it was trained on shows it every structure
-    magnified). ``stage1_bf16``: set the model's ``cpu_bf16`` first (default: keep it). Writes ``model.safetensors``
-    (the model with the chosen values and a ``calibration`` entry in its card), ``calibration.json`` and
-    ``calibration.md`` into ``outdir``; returns their paths. ``progress(scan name, fraction done)``.
+    magnified). ``stage1_bf16``: set the model's ``cpu_bf16`` first (default: keep it). ``bn_adapt``: set the
+    share of each scan's own batch-norm statistics in stage 1 first (``Stage1Config.bn_adapt``; default: keep it).
+    Writes ``model.safetensors`` (the model with the chosen values and a ``calibration`` entry in its card),
+    ``calibration.json`` and ``calibration.md`` into ``outdir``; returns their paths.
+    ``progress(scan name, fraction done)``.
     """
     candidate_thresholds = CANDIDATE_THRESHOLDS if candidate_thresholds is None else candidate_thresholds
     weights = STAGE_WEIGHTS if weights is None else weights
@@ -287,6 +289,8 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     _check_blob_candidates(blob_candidates)
     if stage1_spacing_mm is not None and not 0.5 <= stage1_spacing_mm <= 3.0:
         raise InputError(f"--stage1-spacing must be between 0.5 and 3 mm, got {stage1_spacing_mm}")
+    if bn_adapt is not None and not 0.0 <= bn_adapt <= 1.0:
+        raise InputError(f"--bn-adapt must be between 0 and 1, got {bn_adapt}")
     for t in list(candidate_thresholds) + list(weights):
         if not 0.0 <= float(t) <= 1.0:
             raise InputError(f"candidate thresholds and stage 2 weights must be between 0 and 1, got {t}")
@@ -307,13 +311,15 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
               "dot_weight": cfg.stage1.dot_weight, "feature_weight": cfg.stage2.feature_weight,
               "blob_candidates": cfg.stage1.blob_candidates,
               "stage1_spacing_mm": cfg.stage1.spacing_mm, "stage1_bf16": cfg.stage1.cpu_bf16,
-              "threshold": cfg.threshold}
+              "bn_adapt": cfg.stage1.bn_adapt, "threshold": cfg.threshold}
     if blob_candidates is not None:
         cfg.stage1.blob_candidates = int(blob_candidates)
     if stage1_spacing_mm is not None:
         cfg.stage1.spacing_mm = float(stage1_spacing_mm)
     if stage1_bf16 is not None:
         cfg.stage1.cpu_bf16 = bool(stage1_bf16)
+    if bn_adapt is not None:
+        cfg.stage1.bn_adapt = float(bn_adapt)
     with_dot = any(float(a) > 0 for a in dot_weights)
     if feature_weights is None:
         feature_weights = FEATURE_WEIGHTS if cfg.stage2.features else (0.0,)
@@ -339,7 +345,7 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
                    "stage2_weight": point.weight, "dot_weight": point.dot_weight,
                    "feature_weight": point.feature_weight,
                    "blob_candidates": cfg.stage1.blob_candidates, "stage1_spacing_mm": cfg.stage1.spacing_mm,
-                   "stage1_bf16": cfg.stage1.cpu_bf16,
+                   "stage1_bf16": cfg.stage1.cpu_bf16, "bn_adapt": cfg.stage1.bn_adapt,
                    "threshold": point.threshold, "cpm": point.cpm},
         "tried": [{"candidate_threshold": t, "score_temperature": temp, "stage2_weight": w, "dot_weight": a,
                    "feature_weight": f,
@@ -389,7 +395,8 @@ def calibration_markdown(record: dict) -> str:
         f"{chosen['blob_candidates']} blob-filter proposals per scan (was "
         f"{before['blob_candidates']}), stage 1 grid {chosen['stage1_spacing_mm']:g} mm (was "
         f"{before['stage1_spacing_mm']:g}), stage 1 in bfloat16 where the CPU has it: {yes(chosen['stage1_bf16'])} "
-        f"(was {yes(before['stage1_bf16'])}), default threshold {chosen['threshold']:.3f} "
+        f"(was {yes(before['stage1_bf16'])}), scans' own batch-norm statistics {chosen.get('bn_adapt', 0.0):g} "
+        f"(was {before.get('bn_adapt', 0.0):g}), default threshold {chosen['threshold']:.3f} "
         f"(was {before['threshold']:.3f}; the lowest with at most {record['fp_per_scan']:g} false positives per scan "
         "here, within 0.3-0.98). These scans tuned the model: measure its accuracy on others.", "",
     ]

@@ -37,7 +37,7 @@ from .geometry import Geometry
 from .io import validate_ct
 from .masses import find_masses
 from .models import ModelConfig, NoduleModel
-from .preprocess import Prepared, normalize_hu, prepare, sample_patches
+from .preprocess import Prepared, crop_patches, normalize_hu, prepare, sample_patches
 from .regions import region_centroids, region_counts, region_max, region_sums
 from .registry import shipped_model_path
 from .volume import CTVolume
@@ -265,6 +265,39 @@ def _for_inference(net: nn.Module, device: torch.device) -> nn.Module:
     return net
 
 
+#: Patches (edge in working-grid voxels, how many, per batch) over which ``adapt_batch_norm`` measures a scan.
+BN_ADAPT_PATCH, BN_ADAPT_PATCHES, BN_ADAPT_BATCH = 48, 8, 4
+
+
+def adapt_batch_norm(net: nn.Module, image: np.ndarray, lung: np.ndarray | None, weight: float) -> nn.Module:
+    """A copy of ``net`` whose batch-norm statistics are ``weight`` times those of ``image`` plus ``1 - weight``
+    times its own (adaptive batch normalisation, Li et al. 2016: the scan re-measures what the network normalises
+    by, without labels).
+
+    The scan's statistics come from ``BN_ADAPT_PATCHES`` patches of ``image`` (a normalised working-grid image
+    ``[k, j, i]``) centred on voxels of ``lung`` (same shape; ``None`` or empty: anywhere), drawn by a generator of
+    fixed seed, so that the same scan always gives the same network.
+    """
+    rng = np.random.default_rng(0)
+    where = np.flatnonzero(lung) if lung is not None else np.empty(0, np.int64)
+    flat = (rng.choice(where, BN_ADAPT_PATCHES) if len(where)
+            else rng.integers(0, image.size, BN_ADAPT_PATCHES))
+    centres = np.stack(np.unravel_index(flat, image.shape), axis=1)
+    patches = np.stack([crop_patches([image], c, BN_ADAPT_PATCH)[0] for c in centres])[:, None]
+    adapted = copy.deepcopy(net)
+    device = next(adapted.parameters()).device
+    norms = [m for m in adapted.modules() if isinstance(m, nn.BatchNorm3d)]
+    trained = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    batches = [torch.from_numpy(patches[i:i + BN_ADAPT_BATCH]).to(device)
+               for i in range(0, len(patches), BN_ADAPT_BATCH)]
+    with torch.no_grad():
+        torch.optim.swa_utils.update_bn(batches, adapted)
+        for m, (mean, var) in zip(norms, trained):
+            m.running_mean.mul_(weight).add_(mean, alpha=1.0 - weight)
+            m.running_var.mul_(weight).add_(var, alpha=1.0 - weight)
+    return adapted.eval()
+
+
 class Detector:
     """Two-stage lung nodule detector.
 
@@ -311,20 +344,30 @@ class Detector:
             return torch.autocast("cuda", dtype=torch.float16)
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16 and cpu_bf16_native())
 
-    def probability_map(self, image: np.ndarray, progress: ProgressCallback | None = None,
-                        cancel: CancelCallback | None = None) -> np.ndarray:
+    def probability_map(self, image: np.ndarray, lung: np.ndarray | None = None,
+                        progress: ProgressCallback | None = None, cancel: CancelCallback | None = None) -> np.ndarray:
         """Stage 1 on a normalised working-grid image ``[k, j, i]`` → probability ``float32 [k, j, i]``."""
-        return self.stage1_maps(image, progress, cancel, logits=False)[0]
+        return self.stage1_maps(image, lung, progress, cancel, logits=False)[0]
 
-    def stage1_maps(self, image: np.ndarray, progress: ProgressCallback | None = None,
-                    cancel: CancelCallback | None = None,
+    def stage1_network(self, image: np.ndarray, lung: np.ndarray | None = None) -> nn.Module:
+        """The U-net that runs on ``image``: the folded one, or with the model's ``bn_adapt`` its copy adapted to
+        the image (``adapt_batch_norm``, patches centred in ``lung``)."""
+        weight = self.config.stage1.bn_adapt
+        if not weight:
+            return self.stage1
+        net = _for_inference(adapt_batch_norm(self.model.stage1, image, lung, weight), self.device)
+        return net.to(memory_format=torch.channels_last_3d) if self.device.type == "cpu" else net
+
+    def stage1_maps(self, image: np.ndarray, lung: np.ndarray | None = None,
+                    progress: ProgressCallback | None = None, cancel: CancelCallback | None = None,
                     logits: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Stage 1 on a normalised working-grid image ``[k, j, i]`` → probability and mean logit ``float32 [k, j, i]``.
 
-        Runs in overlapping box tiles (``tile_layout``), averaged where they overlap. The logit map is made when
-        ``logits`` is true (``None``: when the model scores candidates by logits, ``score_temperature``), else
-        it is ``None``.
+        ``lung``: the image's lung mask (same shape), where ``bn_adapt`` measures the scan. Runs in overlapping box
+        tiles (``tile_layout``), averaged where they overlap. The logit map is made when ``logits`` is true
+        (``None``: when the model scores candidates by logits, ``score_temperature``), else it is ``None``.
         """
+        net = self.stage1_network(image, lung)
         if logits is None:
             logits = self.config.stage1.score_temperature is not None
         div = self.model.stage1.divisor
@@ -342,7 +385,7 @@ class Detector:
                     raise Cancelled("detection cancelled")
                 sl = (slice(z, z + tz), slice(y, y + ty), slice(x, x + tx))
                 t = torch.from_numpy(np.ascontiguousarray(padded[sl]))[None, None].to(self.device)
-                out = self.stage1(t.to(memory_format=fmt)).float()
+                out = net(t.to(memory_format=fmt)).float()
                 acc[sl] += torch.sigmoid(out)[0, 0].cpu().numpy()
                 if acc_logit is not None:
                     acc_logit[sl] += out[0, 0].cpu().numpy()
@@ -540,7 +583,8 @@ class Detector:
         # the interpreter lock; on 2 CPU cores stage 1 alone leaves part of them idle). Same results as in turn.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-filters") as pool:
             filters = pool.submit(self._image_filters, prep, shape_needed)
-            prob, logit = self.stage1_maps(prep.image, progress, cancel, logits=True if feature_weight else None)
+            prob, logit = self.stage1_maps(prep.image, prep.lung, progress, cancel,
+                                           logits=True if feature_weight else None)
             cands, regions = self.candidates(prob, prep.lung, prep.geometry, logit=logit)
             timings["stage1"] = time.perf_counter() - t0
             t0 = time.perf_counter()

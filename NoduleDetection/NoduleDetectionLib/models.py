@@ -52,6 +52,9 @@ class Stage1Config:
     ``cpu_bf16``: on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX; ``detect.cpu_bf16_native``), the
     U-net runs in bfloat16 autocast, markedly faster (``docs/performance.md``), its logits differing from float32's
     in the third significant digit; on other CPUs it runs in float32 (on CUDA, always float16).
+
+    ``bn_adapt``: the share of each scan's own batch-norm statistics in stage 1 (``detect.adapt_batch_norm``,
+    AdaBN; 0: the trained statistics only, 1: the scan's only).
     """
 
     spacing_mm: float = 1.5
@@ -63,6 +66,7 @@ class Stage1Config:
     blob_candidates: int = 0
     dot_weight: float = 0.0
     cpu_bf16: bool = False
+    bn_adapt: float = 0.0
 
 
 @dataclass

@@ -16,6 +16,7 @@ The lung mask is computed on a coarse (about 2 mm) grid for speed, then brought 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -262,6 +263,23 @@ def prepare(volume: CTVolume, spacing_mm: float, hu_window: tuple[float, float] 
     image, work_geometry = resample(normalize_hu(volume.array[crop], *hu_window), geometry, spacing_mm)
     lung, _ = resample(lungs.mask[crop].astype(np.float32), geometry, spacing_mm)
     return Prepared(image=image, lung=lung > 0.5, geometry=work_geometry, crop=crop, lungs=lungs)
+
+
+def crop_patches(arrays: Sequence[np.ndarray], centre: np.ndarray, size: int) -> list[np.ndarray]:
+    """``size``³ patches centred at ``centre`` ``[k, j, i]`` from same-shape arrays (zero outside)."""
+    shape = np.array(arrays[0].shape)
+    lo = np.round(centre).astype(int) - size // 2
+    src_lo, src_hi = np.maximum(lo, 0), np.minimum(lo + size, shape)
+    d_lo = src_lo - lo
+    d_hi = d_lo + np.maximum(src_hi - src_lo, 0)
+    out = []
+    for a in arrays:
+        p = np.zeros((size, size, size), np.float32)
+        if np.all(src_hi > src_lo):
+            p[d_lo[0]:d_hi[0], d_lo[1]:d_hi[1], d_lo[2]:d_hi[2]] = a[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1],
+                                                                  src_lo[2]:src_hi[2]]
+        out.append(p)
+    return out
 
 
 def sample_patches(

@@ -59,7 +59,7 @@ from .detect import Detector
 from .evaluate import evaluate
 from .features import DENSE_HU
 from .models import NoduleModel
-from .preprocess import Prepared, normalize_hu, prepare, resample, sample_patches
+from .preprocess import Prepared, crop_patches, normalize_hu, prepare, resample, sample_patches
 from .volume import CTVolume
 
 log = logging.getLogger(__name__)
@@ -261,23 +261,6 @@ def prepare_case(case: TrainingCase, model: NoduleModel, min_target_mm: float = 
     return PreparedCase(case, prep, target.astype(np.float32), weight, kji[inside], np.flatnonzero(inside))
 
 
-def _crop(arrays: Sequence[np.ndarray], centre: np.ndarray, size: int) -> list[np.ndarray]:
-    """``size``³ patches centred at ``centre`` ``[k, j, i]`` from same-shape arrays (zero outside)."""
-    shape = np.array(arrays[0].shape)
-    lo = np.round(centre).astype(int) - size // 2
-    src_lo, src_hi = np.maximum(lo, 0), np.minimum(lo + size, shape)
-    d_lo = src_lo - lo
-    d_hi = d_lo + np.maximum(src_hi - src_lo, 0)
-    out = []
-    for a in arrays:
-        p = np.zeros((size, size, size), np.float32)
-        if np.all(src_hi > src_lo):
-            p[d_lo[0]:d_hi[0], d_lo[1]:d_hi[1], d_lo[2]:d_hi[2]] = a[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1],
-                                                                  src_lo[2]:src_hi[2]]
-        out.append(p)
-    return out
-
-
 def stage1_augmentation(spacing_mm: float, thick_slices: bool = True, scanner: bool = False,
                         elastic_mm: float = 0.0) -> Compose:
     """Augmentation of normalised working-grid patches (intensity offsets in normalised units); ``thick_slices``:
@@ -351,7 +334,7 @@ def mine_candidates(model: NoduleModel, cases: Sequence[PreparedCase], rng: np.r
     lo, hi = model.config.hu_window
     rows: list[tuple[int, np.ndarray, int, int]] = []  # case, centre, label, source
     for n, c in enumerate(cases):
-        prob, logit = detector.stage1_maps(c.prep.image)
+        prob, logit = detector.stage1_maps(c.prep.image, c.prep.lung)
         cands, regions = detector.candidates(prob, c.prep.lung, c.prep.geometry, logit=logit)
         blobs = detector.blob_candidates(c.prep, prob, regions, logit)
         lesion_balls = [(p, d / 2) for p, d in c.case.lesions]
@@ -560,7 +543,7 @@ class Trainer:
                 centre = lung_voxels[n][rng.integers(len(lung_voxels[n]))]
             else:
                 centre = rng.integers(0, c.prep.image.shape)
-            img, tgt, w = _crop([c.prep.image, c.target, c.weight], centre, size)
+            img, tgt, w = crop_patches([c.prep.image, c.target, c.weight], centre, size)
             if not s.balance_lesions:
                 w = np.minimum(w, 1.0)
             if aug is not None:  # one label map carries all: 0 = background, 1 = ignored, k >= 2 = lesion of weight k-1
