@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .augment import (
     Compose,
@@ -53,6 +54,7 @@ from .augment import (
     RandomSharpness,
     RandomSliceThickness,
 )
+from .blobs import find_blobs
 from .calibrate import ValidationScores, choose_operating_point, scan_scores
 from .datasets import Finding
 from .detect import Detector
@@ -79,6 +81,9 @@ ATTACHED_POSITIONS = ("juxtapleural", "juxtavascular")
 DENSE_HOST_HU = -300.0
 #: Training batches over which ``WeightAverage.apply`` recomputes batch-norm statistics for averaged weights.
 BN_BATCHES = 32
+#: Blob-filter spots per training case for ``TrainSettings.dot_negative_fraction``, and how far (mm) from a
+#: lesion target they must lie.
+DOT_NEGATIVES_PER_CASE, DOT_NEGATIVE_MARGIN_MM = 300, 3.0
 
 
 def lesion_weight(diameter_mm: float) -> int:
@@ -149,6 +154,9 @@ class TrainSettings:
             those voxels are ignored (weight 0), neither target nor background.
         elastic_mm: stage 1 augmentation bends patches by a smooth random displacement of this standard
             deviation (mm; 0: off; ``stage1_augmentation``).
+        dot_negative_fraction: share of stage 1's non-lesion patches centred on the training cases' bright compact
+            spots away from lesions (``dot_negatives``: vessels seen end-on, branch points; 0: none, every
+            non-lesion patch centred on a random lung voxel).
         small_attached_weight: with ``balance_lesions``, stage 1 draws inserted lesions under ``SMALL_LESION_MM``
             that are juxtapleural or juxtavascular (``TrainingCase.kinds``) this many times as often as the
             others (1: every lesion equally often).
@@ -173,6 +181,7 @@ class TrainSettings:
     small_attached_weight: float = 1.0
     elastic_mm: float = 0.0
     min_target_ignores_dense: bool = False
+    dot_negative_fraction: float = 0.0
 
 
 @dataclass
@@ -259,6 +268,15 @@ def prepare_case(case: TrainingCase, model: NoduleModel, min_target_mm: float = 
     kji = kji.reshape(-1, 3)[:, ::-1].astype(int)
     inside = np.all((kji >= 0) & (kji < np.array(prep.image.shape)), axis=1)
     return PreparedCase(case, prep, target.astype(np.float32), weight, kji[inside], np.flatnonzero(inside))
+
+
+def dot_negatives(case: PreparedCase, count: int = DOT_NEGATIVES_PER_CASE) -> np.ndarray:
+    """The ``count`` strongest blob-filter spots (``blobs.find_blobs``: bright compact spots, in a host mostly
+    vessels seen end-on and branch points) of a prepared case's lungs at least ``DOT_NEGATIVE_MARGIN_MM`` from its
+    lesion targets and outside its ignore regions, as ``[k, j, i]`` indices of its working grid."""
+    margin = np.ceil(DOT_NEGATIVE_MARGIN_MM / np.array(case.prep.geometry.spacing)[::-1]).astype(int)
+    near = ndimage.binary_dilation(case.target > 0, np.ones(tuple(2 * margin + 1), bool)) | (case.weight == 0)
+    return find_blobs(case.prep.image, case.prep.lung, case.prep.geometry, count, exclude=near).kji
 
 
 def stage1_augmentation(spacing_mm: float, thick_slices: bool = True, scanner: bool = False,
@@ -531,6 +549,10 @@ class Trainer:
                 for c in self.train_cases]
         draw = [None if p is None else p / p.sum() for p in draw]
         lung_voxels = [np.argwhere(c.prep.lung) for c in self.train_cases]
+        dots = [dot_negatives(c) if s.dot_negative_fraction > 0 else np.empty((0, 3), int) for c in self.train_cases]
+        if s.dot_negative_fraction > 0:
+            log.info("stage 1: %d bright compact spots away from lesions for negative patches",
+                     sum(len(d) for d in dots))
 
         def one(rng: np.random.Generator) -> list[np.ndarray]:
             n = int(rng.integers(len(self.train_cases)))
@@ -539,6 +561,8 @@ class Trainer:
                 jitter = rng.integers(-size // 4, size // 4 + 1, 3)
                 pick = rng.integers(len(lesion_centres[n])) if draw[n] is None else rng.choice(len(draw[n]), p=draw[n])
                 centre = lesion_centres[n][pick] + jitter
+            elif len(dots[n]) and rng.random() < s.dot_negative_fraction:
+                centre = dots[n][rng.integers(len(dots[n]))] + rng.integers(-size // 4, size // 4 + 1, 3)
             elif len(lung_voxels[n]):
                 centre = lung_voxels[n][rng.integers(len(lung_voxels[n]))]
             else:

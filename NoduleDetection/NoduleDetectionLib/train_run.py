@@ -21,7 +21,8 @@
       "thick_slices": true,                # stage 1: augmentation simulates thicker slices
       "scanner_augmentation": false,       # stage 1: augmentation simulates other scanners (gamma, kernel)
       "small_attached_weight": 1,          # stage 1: draw small attached inserted lesions this many times as often
-      "elastic_mm": 0                      # stage 1: augmentation bends patches (displacement s.d., mm)
+      "elastic_mm": 0,                     # stage 1: augmentation bends patches (displacement s.d., mm)
+      "dot_negative_fraction": 0           # stage 1: share of non-lesion patches centred on bright compact spots
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "slice_mm": null, "insert": null |
@@ -125,6 +126,9 @@ def load_config(path: str | os.PathLike) -> dict:
     elastic = config.get("elastic_mm", 0)
     if not (_is_number(elastic) and 0 <= elastic <= 10):
         raise InputError(f"elastic_mm must be a displacement of 0 to 10 mm, got {elastic!r}")
+    dots = config.get("dot_negative_fraction", 0)
+    if not (_is_number(dots) and 0 <= dots <= 1):
+        raise InputError(f"dot_negative_fraction must be a share from 0 to 1, got {dots!r}")
     for stage in STAGES:
         schedule = config.get(stage) or {}
         unknown = set(schedule) - set(StageSchedule.__dataclass_fields__)
@@ -168,6 +172,7 @@ def settings_from_config(config: dict) -> TrainSettings:
         small_attached_weight=float(config.get("small_attached_weight", d.small_attached_weight)),
         elastic_mm=float(config.get("elastic_mm", d.elastic_mm)),
         min_target_ignores_dense=bool(config.get("min_target_ignores_dense", d.min_target_ignores_dense)),
+        dot_negative_fraction=float(config.get("dot_negative_fraction", d.dot_negative_fraction)),
     )
 
 
