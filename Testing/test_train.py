@@ -19,11 +19,13 @@ from NoduleDetectionLib.models import ModelConfig, NoduleModel, Stage1Config
 from NoduleDetectionLib.train import (
     BN_BATCHES,
     DENSE_HOST_HU,
+    DOT_NEGATIVE_MARGIN_MM,
     MIN_HIT_RADIUS_MM,
     SAMPLE_SOURCES,
     StageSchedule,
     Trainer,
     TrainSettings,
+    dot_negatives,
     lesion_weight,
     mine_candidates,
     phantom_cases,
@@ -124,6 +126,9 @@ def test_config_errors_are_one_line(tmp_path):
             load_config(_write(tmp_path, dict(SHORT, stage1={"steps": 4, "average_from": start})))
     with pytest.raises(InputError, match="constant_lr"):
         load_config(_write(tmp_path, dict(SHORT, stage2={"constant_lr": "yes"})))
+    for share in (-0.1, 1.5, "0.5"):
+        with pytest.raises(InputError, match="dot_negative_fraction"):
+            load_config(_write(tmp_path, dict(SHORT, dot_negative_fraction=share)))
     with pytest.raises(InputError, match="unknown setting"):
         load_config(_write(tmp_path, dict(SHORT, stage1={"step": 4})))
 
@@ -428,3 +433,37 @@ def test_mining_keeps_listed_non_nodules_away_from_lesions():
     assert samples.counts()["listed_candidate"] == 4 and (samples.labels[samples.source == 5] == 0).all()
     assert not any(np.allclose(p, near) for p in listed)
     assert all(any(np.allclose(p, f) for f in far) for p in listed)
+
+
+def test_stage1_negative_patches_can_centre_on_bright_compact_spots(monkeypatch):
+    """``dot_negatives``: the blob filter's spots of a case at least ``DOT_NEGATIVE_MARGIN_MM`` from every lesion
+    target and outside ignore regions; with ``dot_negative_fraction`` 1 every non-lesion stage 1 patch is centred
+    within the patch jitter of one of them."""
+    from NoduleDetectionLib import train as train_module
+
+    model = NoduleModel.build(ModelConfig(stage1=Stage1Config(spacing_mm=2.0, channels=(4, 8), tile=64)), seed=0)
+    prepared = prepare_case(phantom_cases(1, seed=3, shape=(32, 64, 80))[0], model)
+    dots = dot_negatives(prepared)
+    assert len(dots) > 3
+    spacing_kji = np.array(prepared.prep.geometry.spacing)[::-1]
+    to_target = ndimage.distance_transform_edt(prepared.target == 0, sampling=spacing_kji)
+    assert prepared.target.any() and all(to_target[tuple(k)] >= DOT_NEGATIVE_MARGIN_MM for k in dots)
+    assert all(prepared.prep.lung[tuple(k)] for k in dots)
+    prepared.weight[tuple(dots[0])] = 0.0  # an ignore region over the strongest spot
+    assert not any(np.array_equal(k, dots[0]) for k in dot_negatives(prepared))
+    prepared.weight[tuple(dots[0])] = 1.0
+
+    centres, crop = [], train_module.crop_patches
+
+    def recording(arrays, centre, size):
+        centres.append(np.array(centre))
+        return crop(arrays, centre, size)
+
+    monkeypatch.setattr(train_module, "crop_patches", recording)
+    monkeypatch.setattr(train_module, "dot_negatives", lambda case: dots[-1:])  # one spot: every patch near it
+    settings = TrainSettings(stage1=StageSchedule(steps=3, batch=2, lr=0.01), patch1=24, positive_fraction=0.0,
+                             dot_negative_fraction=1.0)
+    Trainer(model, [prepared], [], settings).train_stage1()
+    assert len(centres) == 6
+    assert all(np.abs(centre - dots[-1]).max() <= 24 // 4 for centre in centres)
+    assert settings_from_config(dict(SHORT, dot_negative_fraction=0.25)).dot_negative_fraction == 0.25
