@@ -18,7 +18,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "NoduleDetection"))
 
-from NoduleDetectionLib.geometry import Geometry  # noqa: E402
+from NoduleDetectionLib.io import read_ct  # noqa: E402
 from NoduleDetectionLib.lesions import (  # noqa: E402
     GalleryItem,
     LesionSpec,
@@ -27,12 +27,6 @@ from NoduleDetectionLib.lesions import (  # noqa: E402
     save_example_grid,
 )
 from NoduleDetectionLib.preprocess import lung_mask  # noqa: E402
-from NoduleDetectionLib.volume import AIR_HU, CTVolume  # noqa: E402
-
-try:
-    from NoduleDetectionLib.io import read_ct
-except ImportError:  # io.py is being written; read with SimpleITK until it exists
-    read_ct = None
 
 VALIDATION_NODULES = ("LIDC-IDRI-0001", "LIDC-IDRI-0003.nrrd", "pyradiomics-lung1.nrrd")
 
@@ -55,24 +49,6 @@ SPECS = [
 ]
 
 
-def load(path: Path) -> CTVolume:
-    """A CT in HU with padding set to air (``io.read_ct`` when present)."""
-    if read_ct is not None:
-        return read_ct(path)
-    import SimpleITK as sitk
-
-    if path.is_dir():
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
-        image = reader.Execute()
-    else:
-        image = sitk.ReadImage(str(path))
-    array = sitk.GetArrayFromImage(image).astype(np.int16)
-    array[array < -1500] = AIR_HU
-    geo = Geometry(image.GetSpacing(), image.GetOrigin(), np.array(image.GetDirection()).reshape(3, 3))
-    return CTVolume(array, geo, name=path.name.split(".")[0])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -81,7 +57,7 @@ def main() -> None:
     with open(args.data / "annotations.csv", newline="") as f:
         rows = list(csv.DictReader(f))
 
-    host = load(args.data / "ct" / "LIDC-IDRI-0002.nrrd")
+    host = read_ct(args.data / "ct" / "LIDC-IDRI-0002.nrrd")
     lungs = lung_mask(host).mask
     avoid = [((float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])), avoid_radius_mm(float(r["diameter_mm"])))
              for r in rows if r["scan"] == "LIDC-IDRI-0002.nrrd"]
@@ -98,7 +74,7 @@ def main() -> None:
 
     real = []
     for scan in VALIDATION_NODULES:
-        volume = load(args.data / "ct" / scan)
+        volume = read_ct(args.data / "ct" / scan)
         for r in rows:
             if r["scan"] == scan and r["status"] == "nodule":
                 d = float(r["diameter_mm"])
