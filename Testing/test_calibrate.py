@@ -59,6 +59,23 @@ def test_shape_weight_ranks_a_ball_above_a_brighter_tube():
     assert masses.candidates(0.5, 8.0, dot_weight=1.0)[0].probability == 1.0
 
 
+def test_stage2_can_spare_large_findings():
+    """With ``spare_large`` a finding whose outline is at least ``SHAPE_MAX_MM`` keeps its stage 1 score whatever
+    stage 2 says; smaller ones are fused as before; the operating point passes the setting on."""
+    from NoduleDetectionLib.detect import SHAPE_MAX_MM
+
+    # Scan a: a large nodule (20 mm outline) that stage 2, trained on small lesions, rejects; scan b: a small
+    # false positive stage 2 likes.
+    rows = [("a", 0.0, 0.9, 0.01), ("b", 50.0, 0.5, 0.9), ("b", 0.0, 0.3, 0.9)]
+    scores = _scores(rows)
+    scores.outline_mm = np.array([20.0, 6.0, SHAPE_MAX_MM - 1.0])
+    assert [c.probability for c in scores.candidates(1.0)] == pytest.approx([0.01, 0.9, 0.9])
+    assert [c.probability for c in scores.candidates(1.0, spare_large=True)] == pytest.approx([0.9, 0.9, 0.9])
+    spared = choose_operating_point(FINDINGS, {0.2: scores}, ["a", "b"], 0.5, weights=(1.0,), spare_large=True)
+    plain = choose_operating_point(FINDINGS, {0.2: scores}, ["a", "b"], 0.5, weights=(1.0,))
+    assert spared.cpm > plain.cpm
+
+
 def test_score_temperature_separates_saturated_probabilities():
     """Two nodules and four false positives, all at probability 1 in float terms; their logits differ (nodules
     30 and 28, false positives 25-20). By probability the six tie; by logit the nodules come first, and a

@@ -87,6 +87,9 @@ def test_fuse_scores():
     np.testing.assert_allclose(fuse_scores(s1, s2, 1.0), s2)
     np.testing.assert_allclose(fuse_scores(s1, s2, 0.0), s1)
     np.testing.assert_allclose(fuse_scores(s1, s2, 0.5), [np.sqrt(0.5), 0.5, 0.0], rtol=1e-6)
+    # Sparing large findings: outlines of at least SHAPE_MAX_MM keep their stage 1 score, the others are fused.
+    outline = np.array([SHAPE_MAX_MM, SHAPE_MAX_MM - 0.1, np.inf])
+    np.testing.assert_allclose(fuse_scores(s1, s2, 1.0, outline), [1.0, 1.0, 0.5])
 
 
 def test_shape_prior_keeps_balls_and_lowers_the_rest():

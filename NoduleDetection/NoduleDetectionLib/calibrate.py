@@ -83,13 +83,15 @@ class ValidationScores:
     outline_mm: np.ndarray | None = None
 
     def candidates(self, weight: float | None, temperature: float | None = None,
-                   dot_weight: float = 0.0, feature_weight: float = 0.0) -> list[Candidate]:
+                   dot_weight: float = 0.0, feature_weight: float = 0.0, spare_large: bool = False) -> list[Candidate]:
         """As evaluation candidates scored by stage 1 alone (``weight`` ``None``) or ``fuse_scores`` with
-        ``weight``; stage 1's score is its highest probability, or ``sigmoid(logit / temperature)``; then
-        ``shape_prior`` with ``dot_weight`` and ``feature_prior`` with ``feature_weight``."""
+        ``weight`` (sparing large findings with ``spare_large``); stage 1's score is its highest probability, or
+        ``sigmoid(logit / temperature)``; then ``shape_prior`` with ``dot_weight`` and ``feature_prior`` with
+        ``feature_weight``."""
         s1 = self.stage1 if temperature is None else logit_score(self.stage1_logit, temperature)
-        p = shape_prior(s1 if weight is None else fuse_scores(s1, self.stage2, weight), self.dot, dot_weight,
-                        self.outline_mm)
+        fused = None if weight is None else fuse_scores(s1, self.stage2, weight,
+                                                        self.outline_mm if spare_large else None)
+        p = shape_prior(s1 if fused is None else fused, self.dot, dot_weight, self.outline_mm)
         if feature_weight:
             p = feature_prior(p, self.rating, feature_weight)
         return [Candidate(s, tuple(map(float, xyz)), float(v)) for s, xyz, v in zip(self.scans, self.centers, p)]
@@ -141,7 +143,8 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
         xyz = np.array([c.center_lps for c in cands]).reshape(-1, 3)
         s2 = detector.classify(volume, xyz) if use_stage2 else np.zeros(len(cands), np.float32)
         dot = shapes.region_dotness(regions, ids) if with_dot or rate else None
-        outline = outline_diameters(p, regions, ids, prep.geometry, first_blob) if with_dot else None
+        with_outline = with_dot or detector.config.stage2.spare_large
+        outline = outline_diameters(p, regions, ids, prep.geometry, first_blob) if with_outline else None
         features = (detector.candidate_features(prep, shapes, regions, cands, logit, s2, dot, first_blob)
                     if rate else None)
         ones = np.ones(len(masses))
@@ -155,7 +158,7 @@ def scan_scores(detector: Detector, name: str, volume: CTVolume, prep: Prepared,
             np.concatenate([dot if with_dot else np.ones(len(cands)), ones * np.inf]),
             rating,
             np.concatenate([features, np.full((len(masses), features.shape[1]), np.nan)]) if with_features else None,
-            np.concatenate([outline, ones * np.inf]) if with_dot else None,
+            np.concatenate([outline, ones * np.inf]) if with_outline else None,
         )
     return out
 
@@ -194,18 +197,19 @@ class OperatingPoint:
 def choose_operating_point(findings: Sequence[Finding], scores: dict[float, ValidationScores], scans: Sequence[str],
                            fp_per_scan: float, weights: Sequence[float] = STAGE_WEIGHTS,
                            temperatures: Sequence[float | None] = (None,), dot_weights: Sequence[float] = (0.0,),
-                           feature_weights: Sequence[float] = (0.0,)) -> OperatingPoint:
+                           feature_weights: Sequence[float] = (0.0,), spare_large: bool = False) -> OperatingPoint:
     """The (candidate threshold, score temperature, stage weight, shape weight, feature weight) setting of best CPM
     and its default threshold.
 
-    ``scores``: candidates per candidate threshold (``scan_scores``, all scans). Ties: see the module docs.
+    ``scores``: candidates per candidate threshold (``scan_scores``, all scans). ``spare_large``: large findings
+    keep their stage 1 score in ``fuse_scores`` (``Stage2Config.spare_large``). Ties: see the module docs.
     """
     grid = {}
     for t, s in scores.items():
         for temp in temperatures:
             for w in weights:
                 for a, f in itertools.product(dot_weights, feature_weights):
-                    cands = s.candidates(w, temp, a, f)
+                    cands = s.candidates(w, temp, a, f, spare_large)
                     result = evaluate(findings, cands, scans, n_bootstrap=0)
                     threshold = _threshold_for(result.matching.fp_probability, len(scans), fp_per_scan)
                     fps = float((result.matching.fp_probability >= threshold).sum()) / len(scans)
@@ -256,7 +260,8 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
               dot_weights: Sequence[float] | None = None, feature_weights: Sequence[float] | None = None,
               blob_candidates: int | None = None,
               stage1_spacing_mm: float | None = None, stage1_bf16: bool | None = None,
-              bn_adapt: float | None = None, fp_per_scan: float = 0.5, device: str = "auto",
+              bn_adapt: float | None = None, spare_large: bool | None = None, fp_per_scan: float = 0.5,
+              device: str = "auto",
               overwrite: bool = False, progress: Callable[[str, float], None] | None = None) -> dict[str, Path]:
     """Choose ``model``'s operating point on the annotated scans of ``dataset`` (see the module docs).
 
@@ -269,6 +274,7 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     spacing (mm) first (default: keep it; a finer grid than the one it was trained on shows it every structure
     magnified). ``stage1_bf16``: set the model's ``cpu_bf16`` first (default: keep it). ``bn_adapt``: set the
     share of each scan's own batch-norm statistics in stage 1 first (``Stage1Config.bn_adapt``; default: keep it).
+    ``spare_large``: set ``Stage2Config.spare_large`` first (default: keep it).
     Writes ``model.safetensors`` (the model with the chosen values and a ``calibration`` entry in its card),
     ``calibration.json`` and ``calibration.md`` into ``outdir``; returns their paths.
     ``progress(scan name, fraction done)``.
@@ -311,7 +317,7 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
               "dot_weight": cfg.stage1.dot_weight, "feature_weight": cfg.stage2.feature_weight,
               "blob_candidates": cfg.stage1.blob_candidates,
               "stage1_spacing_mm": cfg.stage1.spacing_mm, "stage1_bf16": cfg.stage1.cpu_bf16,
-              "bn_adapt": cfg.stage1.bn_adapt, "threshold": cfg.threshold}
+              "bn_adapt": cfg.stage1.bn_adapt, "spare_large": cfg.stage2.spare_large, "threshold": cfg.threshold}
     if blob_candidates is not None:
         cfg.stage1.blob_candidates = int(blob_candidates)
     if stage1_spacing_mm is not None:
@@ -320,6 +326,8 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
         cfg.stage1.cpu_bf16 = bool(stage1_bf16)
     if bn_adapt is not None:
         cfg.stage1.bn_adapt = float(bn_adapt)
+    if spare_large is not None:
+        cfg.stage2.spare_large = bool(spare_large)
     with_dot = any(float(a) > 0 for a in dot_weights)
     if feature_weights is None:
         feature_weights = FEATURE_WEIGHTS if cfg.stage2.features else (0.0,)
@@ -330,7 +338,7 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
                             progress=progress)
     point = choose_operating_point(ds.findings(), scores, ds.seriesuids, fp_per_scan, sorted(set(map(float, weights))),
                                    list(temperatures), sorted(set(map(float, dot_weights))),
-                                   sorted(set(map(float, feature_weights))))
+                                   sorted(set(map(float, feature_weights))), cfg.stage2.spare_large)
     cfg.stage1.candidate_threshold = point.candidate_threshold
     cfg.stage1.score_temperature = point.temperature
     cfg.stage2.weight = point.weight
@@ -346,6 +354,7 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
                    "feature_weight": point.feature_weight,
                    "blob_candidates": cfg.stage1.blob_candidates, "stage1_spacing_mm": cfg.stage1.spacing_mm,
                    "stage1_bf16": cfg.stage1.cpu_bf16, "bn_adapt": cfg.stage1.bn_adapt,
+                   "spare_large": cfg.stage2.spare_large,
                    "threshold": point.threshold, "cpm": point.cpm},
         "tried": [{"candidate_threshold": t, "score_temperature": temp, "stage2_weight": w, "dot_weight": a,
                    "feature_weight": f,
@@ -396,7 +405,9 @@ def calibration_markdown(record: dict) -> str:
         f"{before['blob_candidates']}), stage 1 grid {chosen['stage1_spacing_mm']:g} mm (was "
         f"{before['stage1_spacing_mm']:g}), stage 1 in bfloat16 where the CPU has it: {yes(chosen['stage1_bf16'])} "
         f"(was {yes(before['stage1_bf16'])}), scans' own batch-norm statistics {chosen.get('bn_adapt', 0.0):g} "
-        f"(was {before.get('bn_adapt', 0.0):g}), default threshold {chosen['threshold']:.3f} "
+        f"(was {before.get('bn_adapt', 0.0):g}), large findings spared by stage 2: "
+        f"{yes(chosen.get('spare_large', False))} (was {yes(before.get('spare_large', False))}), "
+        f"default threshold {chosen['threshold']:.3f} "
         f"(was {before['threshold']:.3f}; the lowest with at most {record['fp_per_scan']:g} false positives per scan "
         "here, within 0.3-0.98). These scans tuned the model: measure its accuracy on others.", "",
     ]

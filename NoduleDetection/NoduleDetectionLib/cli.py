@@ -259,6 +259,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="run stage 1 in bfloat16 on CPUs that have it natively (default: the model's setting)")
     p.add_argument("--bn-adapt", type=float, default=None, metavar="W",
                    help="share (0-1) of each scan's own batch-norm statistics in stage 1 (default: the model's)")
+    p.add_argument("--spare-large", action="store_true", default=None,
+                   help="findings at least 15.6 mm wide keep their stage 1 score whatever stage 2 says "
+                   "(default: the model's setting)")
     p.add_argument("--fp-per-scan", type=float, default=0.5, metavar="FP",
                    help="false positives per scan allowed at the default threshold (default 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -296,7 +299,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             candidate_thresholds=args.candidate_thresholds, weights=args.weights, dot_weights=args.shape_weights,
             feature_weights=args.feature_weights, blob_candidates=args.blob_candidates,
             stage1_spacing_mm=args.stage1_spacing, stage1_bf16=args.stage1_bf16, bn_adapt=args.bn_adapt,
-            fp_per_scan=args.fp_per_scan,
+            spare_large=args.spare_large, fp_per_scan=args.fp_per_scan,
             device=args.device, overwrite=args.overwrite, progress=progress,
         )
     for path in paths.values():

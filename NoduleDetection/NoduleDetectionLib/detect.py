@@ -121,11 +121,17 @@ class Candidate:
     score: float
 
 
-def fuse_scores(stage1: np.ndarray, stage2: np.ndarray, weight: float) -> np.ndarray:
-    """A finding's probability from its stage 1 score and stage 2 probability: ``s1 ** (1 - w) * s2 ** w``."""
+def fuse_scores(stage1: np.ndarray, stage2: np.ndarray, weight: float,
+                outline_mm: np.ndarray | None = None) -> np.ndarray:
+    """A finding's probability from its stage 1 score and stage 2 probability: ``s1 ** (1 - w) * s2 ** w``.
+
+    ``outline_mm``: the findings' outline diameters (``outline_diameters``), given to spare large findings
+    (``Stage2Config.spare_large``): those of at least ``SHAPE_MAX_MM`` keep their stage 1 score.
+    """
     s1 = np.asarray(stage1, dtype=np.float64)
     s2 = np.asarray(stage2, dtype=np.float64)
-    return (s1 ** (1.0 - weight) * s2**weight).astype(np.float32)
+    w = weight if outline_mm is None else np.where(np.asarray(outline_mm) >= SHAPE_MAX_MM, 0.0, weight)
+    return (s1 ** (1.0 - w) * s2**w).astype(np.float32)
 
 
 def shape_prior(probability: np.ndarray, dotness: np.ndarray, weight: float,
@@ -607,14 +613,17 @@ class Detector:
         step("stage 2 (3D CNN)", 0.0)
         centres = np.array([c.center_lps for c in cands]).reshape(-1, 3)
         s2 = self.classify(volume, centres)
-        p2 = fuse_scores([c.score for c in cands], s2, self.config.stage2.weight)
+        ids = [c.region for c in cands]
+        spare = self.config.stage2.spare_large
+        outline = (outline_diameters(prob, regions, ids, prep.geometry, first_blob)
+                   if spare or dot_weight or feature_weight else None)
+        p2 = fuse_scores([c.score for c in cands], s2, self.config.stage2.weight, outline if spare else None)
         timings["stage2"] = time.perf_counter() - t0
         if dot_weight or feature_weight:
             t0 = time.perf_counter()
             step("candidate shapes", 0.0)
-            ids = [c.region for c in cands]
             dot = shapes.region_dotness(regions, ids)
-            p2 = shape_prior(p2, dot, dot_weight, outline_diameters(prob, regions, ids, prep.geometry, first_blob))
+            p2 = shape_prior(p2, dot, dot_weight, outline)
             if feature_weight:
                 features = self.candidate_features(prep, shapes, regions, cands, logit, s2, dot, first_blob)
                 p2 = feature_prior(p2, self.feature_model().score(features), feature_weight)

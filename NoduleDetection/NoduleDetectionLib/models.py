@@ -80,6 +80,9 @@ class Stage2Config:
     ``features``: a logistic model over a candidate's measured features (``features.FeatureModel.to_config``; empty:
     none), fitted on training scans (``calibrate.fit_features``); ``feature_weight`` how much its rating counts in
     a finding's probability (``detect.feature_prior``; 0: not at all; ``calibrate`` chooses it).
+
+    ``spare_large``: findings whose stage 1 outline is at least ``detect.SHAPE_MAX_MM`` wide keep their stage 1
+    score (``detect.fuse_scores``): stage 2 learnt from small lesions.
     """
 
     patch: int = 24
@@ -89,6 +92,7 @@ class Stage2Config:
     tta: bool = False
     features: dict = field(default_factory=dict)
     feature_weight: float = 0.0
+    spare_large: bool = False
 
 
 @dataclass

@@ -627,7 +627,8 @@ class Trainer:
         point = choose_operating_point(self.val_findings, {t: scores}, [c.case.name for c in self.val_cases],
                                        self.settings.target_fp_per_scan,
                                        temperatures=(self.model.config.stage1.score_temperature,),
-                                       dot_weights=(self.model.config.stage1.dot_weight,))
+                                       dot_weights=(self.model.config.stage1.dot_weight,),
+                                       spare_large=self.model.config.stage2.spare_large)
         self.weight_cpm = {w: cpm for (_, _, w, _, _), (cpm, _, _) in point.grid.items()}
         self.model.config.stage2.weight = point.weight
         self.model.config.threshold = point.threshold
