@@ -21,6 +21,10 @@ nodules, or lesions inserted by ``make-lesion-dataset``) and writes a copy of th
    higher candidate threshold, the larger weight, the highest-probability score (no temperature), the lowest
    temperature, then the smallest shape weight and the smallest feature weight (``choose_operating_point``).
 
+``calibrate`` can first set, as given and without choosing them, how stage 1 runs (its number of blob-filter
+proposals, working grid, bfloat16, and the share of each scan's own batch-norm statistics) and whether stage 2
+spares large findings; the six numbers are then chosen for those settings.
+
 The scans used here become part of the model's tuning: report a model's accuracy on other scans. ``fit_features``
 fits the candidate-feature model itself (``features.FeatureModel``) on training scans' candidates.
 """
