@@ -614,15 +614,16 @@ class Detector:
         centres = np.array([c.center_lps for c in cands]).reshape(-1, 3)
         s2 = self.classify(volume, centres)
         ids = [c.region for c in cands]
-        spare = self.config.stage2.spare_large
         outline = (outline_diameters(prob, regions, ids, prep.geometry, first_blob)
-                   if spare or dot_weight or feature_weight else None)
-        p2 = fuse_scores([c.score for c in cands], s2, self.config.stage2.weight, outline if spare else None)
+                   if self.config.stage2.spare_large else None)
+        p2 = fuse_scores([c.score for c in cands], s2, self.config.stage2.weight, outline)
         timings["stage2"] = time.perf_counter() - t0
         if dot_weight or feature_weight:
             t0 = time.perf_counter()
             step("candidate shapes", 0.0)
             dot = shapes.region_dotness(regions, ids)
+            if outline is None:
+                outline = outline_diameters(prob, regions, ids, prep.geometry, first_blob)
             p2 = shape_prior(p2, dot, dot_weight, outline)
             if feature_weight:
                 features = self.candidate_features(prep, shapes, regions, cands, logit, s2, dot, first_blob)
