@@ -20,7 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "NoduleDetection"))
 
-from NoduleDetectionLib.atomic import check_writable  # noqa: E402
+from NoduleDetectionLib.atomic import atomic_path, check_writable  # noqa: E402
 from NoduleDetectionLib.datasets import Dataset, read_scan_list  # noqa: E402
 from NoduleDetectionLib.errors import NoduleDetectionError  # noqa: E402
 from NoduleDetectionLib.evaluate import match_radius_mm, read_candidates  # noqa: E402
@@ -53,19 +53,17 @@ def strongest_false_positives(dataset: Dataset, candidates_csv: str | Path, per_
     return rows
 
 
-def save_gallery(rows: list[tuple], path: Path) -> None:
-    """Write the three-plane crops of ``rows`` (``strongest_false_positives``) as one PNG."""
+def save_gallery(rows: list[tuple], path: Path, overwrite: bool = False) -> None:
+    """Write the three-plane crops of ``rows`` (``strongest_false_positives``) as one PNG (atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
-    volumes: dict[str, object] = {}
     for r, (entry, cand, near) in enumerate(rows):
-        if entry.seriesuid not in volumes:
-            volumes = {entry.seriesuid: read_ct(entry.path)}  # one scan in memory at a time
-        volume = volumes[entry.seriesuid]
+        if r == 0 or rows[r - 1][0] is not entry:  # rows come scan by scan: one scan in memory at a time
+            volume = read_ct(entry.path)
         geometry, array = volume.geometry, volume.array
         i, j, k = np.round(geometry.lps_to_index(np.asarray(cand.center_lps, float))).astype(int).reshape(3)
         sx, sy, sz = geometry.spacing
@@ -82,10 +80,9 @@ def save_gallery(rows: list[tuple], path: Path) -> None:
                          f"LPS ({', '.join(f'{v:.0f}' for v in cand.center_lps)}), excluded mark "
                          f"{near:.0f} mm", fontsize=7, loc="left" if not c else "center")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path, overwrite) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("no false positive among the candidates", file=sys.stderr)
         return 1
-    save_gallery(rows, args.output)
+    save_gallery(rows, args.output, args.overwrite)
     for entry, cand, near in rows:
         print(f"{Path(entry.path).name}\t{cand.probability:.3f}\t{cand.center_lps}\texcluded mark {near:.1f} mm")
     print(args.output)
