@@ -10,6 +10,7 @@ from NoduleDetectionLib import augment
 from NoduleDetectionLib.augment import (
     Compose,
     RandomAffine,
+    RandomConvolution,
     RandomFlip,
     RandomGamma,
     RandomIntensity,
@@ -167,6 +168,48 @@ def test_scanner_augmentation_is_chosen_by_the_config():
     base = {"train": [], "stage1": {"steps": 1}, "stage2": {"steps": 1}}
     assert settings_from_config(base).scanner_augmentation is False
     assert settings_from_config(dict(base, scanner_augmentation=True)).scanner_augmentation is True
+
+
+def test_random_convolution_changes_texture_not_anatomy():
+    """A random network's texture: label untouched, the patch's mean and spread kept, bright stays bright (the
+    lesion above the lung), the same generator state gives the same patch, p = 0 is the identity, and mixed
+    outputs lie between the patch and the fully changed one."""
+    image, label = _sphere_patch()
+    norm = (image + 1000.0) / 1400.0
+    changed = 0
+    for seed in range(8):
+        out, lab = RandomConvolution(p=1.0, mix=(1.0, 1.0))(norm, label, np.random.default_rng(seed))
+        again, _ = RandomConvolution(p=1.0, mix=(1.0, 1.0))(norm, label, np.random.default_rng(seed))
+        assert lab is label and out.dtype == np.float32 and np.array_equal(out, again)
+        assert abs(float(out.mean()) - float(norm.mean())) < 1e-4 and abs(float(out.std()) - float(norm.std())) < 1e-4
+        assert out[label > 0].mean() > out[label == 0].mean()
+        changed += float(np.corrcoef(out.ravel(), norm.ravel())[0, 1]) < 0.99
+    assert changed >= 4  # most draws are another texture, not a copy
+    same, _ = RandomConvolution(p=0.0)(norm, label, np.random.default_rng(0))
+    assert same is norm
+    full, _ = RandomConvolution(p=1.0, mix=(1.0, 1.0))(norm, None, np.random.default_rng(3))
+    half, _ = RandomConvolution(p=1.0, mix=(0.5, 0.5))(norm, None, np.random.default_rng(3))
+    np.testing.assert_allclose(half, 0.5 * full + 0.5 * norm, atol=1e-5)
+
+
+def test_random_convolution_is_chosen_by_the_config(tmp_path):
+    import json
+
+    from NoduleDetectionLib.errors import InputError
+    from NoduleDetectionLib.train import stage1_augmentation
+    from NoduleDetectionLib.train_run import load_config, settings_from_config
+
+    def shares(aug):
+        return [t.p for t in aug.transforms if isinstance(t, RandomConvolution)]
+
+    assert shares(stage1_augmentation(1.5)) == [] and shares(stage1_augmentation(1.5, random_convolution=0.5)) == [0.5]
+    assert settings_from_config({"train": []}).random_convolution == 0.0
+    assert settings_from_config({"train": [], "random_convolution": 0.5}).random_convolution == 0.5
+    for share in (-0.1, 1.5, "0.5"):
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({"train": [{"phantoms": 1}], "random_convolution": share}))
+        with pytest.raises(InputError, match="random_convolution"):
+            load_config(path)
 
 
 def test_elastic_bends_image_and_label_together():

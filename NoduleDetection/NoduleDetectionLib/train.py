@@ -46,6 +46,7 @@ from scipy import ndimage
 from .augment import (
     Compose,
     RandomAffine,
+    RandomConvolution,
     RandomFlip,
     RandomGamma,
     RandomIntensity,
@@ -160,6 +161,8 @@ class TrainSettings:
         small_attached_weight: with ``balance_lesions``, stage 1 draws inserted lesions under ``SMALL_LESION_MM``
             that are juxtapleural or juxtavascular (``TrainingCase.kinds``) this many times as often as the
             others (1: every lesion equally often).
+        random_convolution: share of stage 1's patches shown with another texture (``RandomConvolution``; 0:
+            none).
     """
 
     stage1: StageSchedule = field(default_factory=StageSchedule)
@@ -182,6 +185,7 @@ class TrainSettings:
     elastic_mm: float = 0.0
     min_target_ignores_dense: bool = False
     dot_negative_fraction: float = 0.0
+    random_convolution: float = 0.0
 
 
 @dataclass
@@ -280,12 +284,13 @@ def dot_negatives(case: PreparedCase, count: int = DOT_NEGATIVES_PER_CASE) -> np
 
 
 def stage1_augmentation(spacing_mm: float, thick_slices: bool = True, scanner: bool = False,
-                        elastic_mm: float = 0.0) -> Compose:
+                        elastic_mm: float = 0.0, random_convolution: float = 0.0) -> Compose:
     """Augmentation of normalised working-grid patches (intensity offsets in normalised units); ``thick_slices``:
     also simulate slices of 0.6-5 mm; ``scanner``: also other scanners (gamma 0.8-1.25, a smoother or sharper
     kernel, HU scaled by 0.9-1.1 and shifted by up to about 55 HU, noise up to about 40 HU) instead of the mild
     intensity and noise jitter; ``elastic_mm`` > 0: also bend the patch (``RandomAffine``'s elastic displacement,
-    that standard deviation in mm at control points 12 mm apart)."""
+    that standard deviation in mm at control points 12 mm apart); ``random_convolution`` > 0: last, with that
+    probability, another texture (``RandomConvolution``)."""
     if scanner:
         intensity = [RandomGamma((0.8, 1.25)), RandomSharpness(),
                      RandomIntensity(scale=(0.9, 1.1), offset=(-0.04, 0.04)), RandomNoise(std=(0.0, 0.03))]
@@ -297,6 +302,7 @@ def stage1_augmentation(spacing_mm: float, thick_slices: bool = True, scanner: b
     return Compose([
         RandomFlip(), RandomRot90(), RandomAffine(degrees=10.0, scales=(0.85, 1.15), **bend),
         *([RandomSliceThickness((0.6, 5.0), spacing=(spacing_mm,) * 3)] if thick_slices else []), *intensity,
+        *([RandomConvolution(p=random_convolution)] if random_convolution > 0 else []),
     ])
 
 
@@ -539,7 +545,7 @@ class Trainer:
         s = self.settings
         size = -(-s.patch1 // self.model.stage1.divisor) * self.model.stage1.divisor
         aug = (stage1_augmentation(self.model.config.stage1.spacing_mm, s.thick_slices, s.scanner_augmentation,
-                                   s.elastic_mm) if s.augment else None)
+                                   s.elastic_mm, s.random_convolution) if s.augment else None)
         # Lesion patches are centred near a lesion voxel or, when balancing lesions, near a lesion drawn uniformly
         # (``draw`` None: the draw of every run before ``small_attached_weight`` existed) or by those weights.
         lesion_centres = [c.centres if s.balance_lesions and len(c.centres) else np.argwhere(c.target > 0)

@@ -22,7 +22,8 @@
       "scanner_augmentation": false,       # stage 1: augmentation simulates other scanners (gamma, kernel)
       "small_attached_weight": 1,          # stage 1: draw small attached inserted lesions this many times as often
       "elastic_mm": 0,                     # stage 1: augmentation bends patches (displacement s.d., mm)
-      "dot_negative_fraction": 0           # stage 1: share of non-lesion patches centred on bright compact spots
+      "dot_negative_fraction": 0,          # stage 1: share of non-lesion patches centred on bright compact spots
+      "random_convolution": 0              # stage 1: share of patches given another texture by a random network
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "slice_mm": null, "insert": null |
@@ -129,6 +130,9 @@ def load_config(path: str | os.PathLike) -> dict:
     dots = config.get("dot_negative_fraction", 0)
     if not (_is_number(dots) and 0 <= dots <= 1):
         raise InputError(f"dot_negative_fraction must be a share from 0 to 1, got {dots!r}")
+    texture = config.get("random_convolution", 0)
+    if not (_is_number(texture) and 0 <= texture <= 1):
+        raise InputError(f"random_convolution must be a share from 0 to 1, got {texture!r}")
     for stage in STAGES:
         schedule = config.get(stage) or {}
         unknown = set(schedule) - set(StageSchedule.__dataclass_fields__)
@@ -173,6 +177,7 @@ def settings_from_config(config: dict) -> TrainSettings:
         elastic_mm=float(config.get("elastic_mm", d.elastic_mm)),
         min_target_ignores_dense=bool(config.get("min_target_ignores_dense", d.min_target_ignores_dense)),
         dot_negative_fraction=float(config.get("dot_negative_fraction", d.dot_negative_fraction)),
+        random_convolution=float(config.get("random_convolution", d.random_convolution)),
     )
 
 
