@@ -56,6 +56,24 @@ def test_both_nodules_outrank_the_vessel_and_the_wall(lung_scene):
         assert np.min(np.linalg.norm((top_two - centre) * 1.5, axis=1)) <= 2.0, (centre, top_two)
 
 
+def test_wider_filter_finds_a_large_nodule(lung_scene):
+    """The detector's filter (9 mm top-hat, scales for 3-8 mm) does not see a free 20 mm nodule as a blob; with a
+    wider top-hat and larger scales (the classical baseline's) it is the strongest spot."""
+    image, lung, geometry, _ = lung_scene
+    image = image.copy()
+    centre = np.array([20.0, 24.0, 30.0])
+    image[_ball(image.shape, np.array([1.5, 1.5, 1.5]), centre, 10.0)] = 0.65
+
+    def nearest_mm(found):
+        return float(np.min(np.linalg.norm((found.kji.astype(float) - centre) * 1.5, axis=1))) if len(found.kji) \
+            else np.inf
+
+    assert nearest_mm(find_blobs(image, lung, geometry, count=10)) > 5.0
+    wide = ShapeFilter(image, geometry, tophat_mm=33.0, scales_mm=(1.0, 2.2, 4.6, 6.5))
+    found = find_blobs(image, lung, geometry, count=10, shapes=wide)
+    assert np.linalg.norm((found.kji[0] - centre) * 1.5) <= 3.0
+
+
 def test_proposals_avoid_excluded_voxels(lung_scene):
     image, lung, geometry, nodules = lung_scene
     exclude = _ball(image.shape, np.full(3, 1.5), nodules[1], 6.0)

@@ -122,23 +122,26 @@ class ShapeFilter:
     """The white top-hat of a normalised working-grid image ``[k, j, i]`` (``geometry``: the grid's, LPS) and its
     dot filter, for one scan.
 
-    ``tophat`` is the image minus its grey opening by a cube of ``TOPHAT_SIZE_MM`` (what is narrower than the cube;
-    ``float32``). The dot filter's Gaussian smoothings of it, and its value at each voxel asked for, are made on first
-    use and kept for later calls (a voxel's value does not depend on which others are asked for).
+    ``tophat`` is the image minus its grey opening by a cube of ``tophat_mm`` (what is narrower than the cube;
+    ``float32``). The dot filter (at the Gaussian scales ``scales_mm``) of it: its smoothings, and its value at each
+    voxel asked for, are made on first use and kept for later calls (a voxel's value does not depend on which others
+    are asked for). The defaults are the detector's; wider ones find larger blobs.
     """
 
-    def __init__(self, image: np.ndarray, geometry: Geometry) -> None:
+    def __init__(self, image: np.ndarray, geometry: Geometry, tophat_mm: float = TOPHAT_SIZE_MM,
+                 scales_mm: tuple[float, ...] = SCALES_MM) -> None:
         self.spacing_kji = np.array(geometry.spacing, float)[::-1]
+        self.scales_mm = tuple(scales_mm)
         img = image.astype(np.float32, copy=False)
-        self.tophat = img - ndimage.grey_opening(img, size=_odd_voxels(TOPHAT_SIZE_MM, self.spacing_kji))
+        self.tophat = img - ndimage.grey_opening(img, size=_odd_voxels(tophat_mm, self.spacing_kji))
         self._smoothed: list[np.ndarray] | None = None
         self._dot = np.zeros(img.shape, np.float32)
         self._known = np.zeros(img.shape, bool)
 
     def smoothed(self) -> list[np.ndarray]:
-        """The top-hat image smoothed at each scale of ``SCALES_MM`` (``smoothings``; made on first use)."""
+        """The top-hat image smoothed at each scale of ``scales_mm`` (``smoothings``; made on first use)."""
         if self._smoothed is None:
-            self._smoothed = smoothings(self.tophat, self.spacing_kji)
+            self._smoothed = smoothings(self.tophat, self.spacing_kji, self.scales_mm)
         return self._smoothed
 
     def candidate_voxels(self, lung: np.ndarray) -> np.ndarray:
@@ -148,12 +151,12 @@ class ShapeFilter:
 
     def dot(self, where: np.ndarray) -> np.ndarray:
         """The multi-scale Hessian dot filter of the top-hat image at the voxels of ``where`` (``bool [k, j, i]``; 0
-        elsewhere; ``float32``): at each scale of ``SCALES_MM`` the Hessian of the smoothed image (central
+        elsewhere; ``float32``): at each scale of ``scales_mm`` the Hessian of the smoothed image (central
         differences, scaled by ``σ²``), its highest value over the scales."""
         missing = where & ~self._known
         idx = np.array(np.nonzero(missing))
         if idx.shape[1]:
-            self._dot[tuple(idx)] = _dot_values(idx, self.smoothed(), self.spacing_kji)
+            self._dot[tuple(idx)] = _dot_values(idx, self.smoothed(), self.spacing_kji, self.scales_mm)
             self._known |= missing
         return np.where(where, self._dot, np.float32(0.0))
 
