@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "NoduleDetection"))
 
-from NoduleDetectionLib.atomic import write_text_atomic  # noqa: E402
+from NoduleDetectionLib.atomic import check_writable, write_text_atomic  # noqa: E402
 from NoduleDetectionLib.blobs import ShapeFilter, find_blobs  # noqa: E402
 from NoduleDetectionLib.datasets import Dataset, read_scan_list  # noqa: E402
-from NoduleDetectionLib.evaluate import Candidate, evaluate, write_froc_outputs  # noqa: E402
+from NoduleDetectionLib.errors import NoduleDetectionError  # noqa: E402
+from NoduleDetectionLib.evaluate import Candidate, evaluate, froc_output_paths, write_froc_outputs  # noqa: E402
 from NoduleDetectionLib.io import read_ct  # noqa: E402
 from NoduleDetectionLib.preprocess import prepare  # noqa: E402
 
@@ -62,11 +63,16 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=300, help="spots kept per scan (default 300)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = parser.parse_args()
-    ds, candidates, csv_text = baseline_candidates(
-        args.dataset, read_scan_list(args.scans) if args.scans else None, args.count)
-    froc = evaluate(ds.findings(), candidates, ds.seriesuids)
-    write_text_atomic(args.output / "candidates.csv", csv_text, args.overwrite)
-    write_froc_outputs(froc, args.output, args.overwrite)
+    try:
+        for path in (args.output / "candidates.csv", *froc_output_paths(args.output).values()):
+            check_writable(path, args.overwrite)
+        ds, candidates, csv_text = baseline_candidates(
+            args.dataset, read_scan_list(args.scans) if args.scans else None, args.count)
+        froc = evaluate(ds.findings(), candidates, ds.seriesuids)
+        write_text_atomic(args.output / "candidates.csv", csv_text, args.overwrite)
+        write_froc_outputs(froc, args.output, args.overwrite)
+    except NoduleDetectionError as exc:
+        sys.exit(f"error: {exc}")
     print(f"CPM {froc.cpm:.3f} (95% CI {froc.ci95['cpm'][0]:.3f}-{froc.ci95['cpm'][1]:.3f}); sensitivity at "
           + ", ".join(f"{k} FP/scan {v:.3f}" for k, v in froc.sensitivity.items()))
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "NoduleDetection"))
 
 from NoduleDetectionLib.calibrate import SCORE_TEMPERATURES, choose_operating_point, dataset_scores  # noqa: E402
 from NoduleDetectionLib.datasets import Dataset  # noqa: E402
-from NoduleDetectionLib.detect import Detector, _for_inference  # noqa: E402
+from NoduleDetectionLib.detect import Detector  # noqa: E402
 from NoduleDetectionLib.models import NoduleModel  # noqa: E402
 from NoduleDetectionLib.registry import shipped_model_path  # noqa: E402
 
@@ -55,10 +55,7 @@ class EnsembleDetector(Detector):
 
     def __init__(self, model: NoduleModel, others: list[Path], device: str = "auto") -> None:
         super().__init__(model, device)
-        members = [_for_inference(NoduleModel.load(path).stage1, self.device) for path in others]
-        if self.device.type == "cpu":
-            members = [m.to(memory_format=torch.channels_last_3d) for m in members]
-        self.members = members
+        self.members = [Detector(NoduleModel.load(path), device).stage1 for path in others]
 
     def stage1_network(self, image: np.ndarray, lung: np.ndarray | None = None) -> nn.Module:
         return MeanLogits([super().stage1_network(image, lung), *self.members])
