@@ -74,9 +74,8 @@ class GridsDetector(Detector):
         other_lung = None if lung is None else ndimage.zoom(lung.astype(np.uint8), factor, order=0) > 0
         prob2, logit2 = super().stage1_maps(ndimage.zoom(image, factor, order=1), other_lung, None, cancel, logits)
 
-        def back(a: np.ndarray) -> np.ndarray:
-            out = ndimage.zoom(a, np.array(image.shape) / np.array(a.shape), order=1)
-            return out[: image.shape[0], : image.shape[1], : image.shape[2]]
+        def back(a: np.ndarray) -> np.ndarray:  # zoom's output shape is round(a.shape × ratio): image.shape
+            return ndimage.zoom(a, np.array(image.shape) / np.array(a.shape), order=1)
 
         prob = ((prob + back(prob2)) / 2).astype(np.float32)
         return prob, None if logit is None else ((logit + back(logit2)) / 2).astype(np.float32)

@@ -266,12 +266,11 @@ class RandomConvolution:
             maps = [sum(ndimage.correlate(m, k, mode="nearest") for m, k in zip(maps, row)) for row in kernels]
             if layer < depth - 1:
                 maps = [np.where(m > 0, m, np.float32(self.slope) * m) for m in maps]
-        out = maps[0]
-        centred, std = image - image.mean(), float(image.std())
-        out = out - out.mean()
-        if float((out * centred).sum()) < 0:
+        mean = image.mean()
+        out = maps[0] - maps[0].mean()
+        if float((out * (image - mean)).sum()) < 0:
             out = -out
-        out = out * np.float32(std / max(float(out.std()), 1e-6)) + image.mean()
+        out = out * np.float32(float(image.std()) / max(float(out.std()), 1e-6)) + mean
         a = np.float32(rng.uniform(*self.mix))
         return (a * out + (1 - a) * image).astype(np.float32), label
 
