@@ -196,20 +196,24 @@ def test_random_convolution_is_chosen_by_the_config(tmp_path):
     import json
 
     from NoduleDetectionLib.errors import InputError
-    from NoduleDetectionLib.train import stage1_augmentation
+    from NoduleDetectionLib.train import stage1_augmentation, stage2_augmentation
     from NoduleDetectionLib.train_run import load_config, settings_from_config
 
     def shares(aug):
         return [t.p for t in aug.transforms if isinstance(t, RandomConvolution)]
 
     assert shares(stage1_augmentation(1.5)) == [] and shares(stage1_augmentation(1.5, random_convolution=0.5)) == [0.5]
-    assert settings_from_config({"train": []}).random_convolution == 0.0
-    assert settings_from_config({"train": [], "random_convolution": 0.5}).random_convolution == 0.5
-    for share in (-0.1, 1.5, "0.5"):
-        path = tmp_path / "c.json"
-        path.write_text(json.dumps({"train": [{"phantoms": 1}], "random_convolution": share}))
-        with pytest.raises(InputError, match="random_convolution"):
-            load_config(path)
+    assert shares(stage2_augmentation(1.0)) == [] and shares(stage2_augmentation(1.0, random_convolution=0.3)) == [0.3]
+    plain = settings_from_config({"train": []})
+    assert plain.random_convolution == 0.0 and plain.stage2_random_convolution == 0.0
+    chosen = settings_from_config({"train": [], "random_convolution": 0.5, "stage2_random_convolution": 0.25})
+    assert chosen.random_convolution == 0.5 and chosen.stage2_random_convolution == 0.25
+    for key in ("random_convolution", "stage2_random_convolution"):
+        for share in (-0.1, 1.5, "0.5"):
+            path = tmp_path / "c.json"
+            path.write_text(json.dumps({"train": [{"phantoms": 1}], key: share}))
+            with pytest.raises(InputError, match=key):
+                load_config(path)
 
 
 def test_elastic_bends_image_and_label_together():

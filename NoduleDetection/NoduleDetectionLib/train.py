@@ -163,6 +163,8 @@ class TrainSettings:
             others (1: every lesion equally often).
         random_convolution: share of stage 1's patches shown with another texture (``RandomConvolution``; 0:
             none).
+        stage2_random_convolution: the same for stage 2's patches (one random network for both of a sample's
+            scales).
     """
 
     stage1: StageSchedule = field(default_factory=StageSchedule)
@@ -186,6 +188,7 @@ class TrainSettings:
     min_target_ignores_dense: bool = False
     dot_negative_fraction: float = 0.0
     random_convolution: float = 0.0
+    stage2_random_convolution: float = 0.0
 
 
 @dataclass
@@ -306,12 +309,14 @@ def stage1_augmentation(spacing_mm: float, thick_slices: bool = True, scanner: b
     ])
 
 
-def stage2_augmentation(spacing_mm: float, rotate: bool = False) -> Compose:
-    """Augmentation of HU patches around candidates (``rotate``: also rotations up to 15° and scaling ±10%)."""
+def stage2_augmentation(spacing_mm: float, rotate: bool = False, random_convolution: float = 0.0) -> Compose:
+    """Augmentation of HU patches around candidates (``rotate``: also rotations up to 15° and scaling ±10%;
+    ``random_convolution`` > 0: last, with that probability, another texture, ``RandomConvolution``)."""
     return Compose([
         RandomFlip(), RandomRot90(), *([RandomAffine(degrees=15.0, scales=(0.9, 1.1))] if rotate else []),
         RandomSliceThickness((0.6, 5.0), spacing=(spacing_mm,) * 3),
         RandomIntensity(scale=(0.95, 1.05), offset=(-20.0, 20.0)), RandomNoise(std=(0.0, 15.0)),
+        *([RandomConvolution(p=random_convolution)] if random_convolution > 0 else []),
     ])
 
 
@@ -600,7 +605,8 @@ class Trainer:
         log.info("stage 2: %d positives, %d negatives (%s)", len(pos), len(neg), samples.counts())
         if len(pos) == 0:
             raise ValueError("no positive samples for stage 2: the training cases have no lesions")
-        augs = [stage2_augmentation(sc, s.stage2_rotate) if s.augment else None for sc in cfg.scales_mm]
+        augs = [stage2_augmentation(sc, s.stage2_rotate, s.stage2_random_convolution) if s.augment else None
+                for sc in cfg.scales_mm]
 
         def batch(rng: np.random.Generator):
             half = s.stage2.batch // 2

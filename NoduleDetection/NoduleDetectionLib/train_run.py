@@ -23,7 +23,8 @@
       "small_attached_weight": 1,          # stage 1: draw small attached inserted lesions this many times as often
       "elastic_mm": 0,                     # stage 1: augmentation bends patches (displacement s.d., mm)
       "dot_negative_fraction": 0,          # stage 1: share of non-lesion patches centred on bright compact spots
-      "random_convolution": 0              # stage 1: share of patches given another texture by a random network
+      "random_convolution": 0,             # stage 1: share of patches given another texture by a random network
+      "stage2_random_convolution": 0       # stage 2: the same
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "slice_mm": null, "insert": null |
@@ -130,9 +131,10 @@ def load_config(path: str | os.PathLike) -> dict:
     dots = config.get("dot_negative_fraction", 0)
     if not (_is_number(dots) and 0 <= dots <= 1):
         raise InputError(f"dot_negative_fraction must be a share from 0 to 1, got {dots!r}")
-    texture = config.get("random_convolution", 0)
-    if not (_is_number(texture) and 0 <= texture <= 1):
-        raise InputError(f"random_convolution must be a share from 0 to 1, got {texture!r}")
+    for key in ("random_convolution", "stage2_random_convolution"):
+        texture = config.get(key, 0)
+        if not (_is_number(texture) and 0 <= texture <= 1):
+            raise InputError(f"{key} must be a share from 0 to 1, got {texture!r}")
     for stage in STAGES:
         schedule = config.get(stage) or {}
         unknown = set(schedule) - set(StageSchedule.__dataclass_fields__)
@@ -178,6 +180,7 @@ def settings_from_config(config: dict) -> TrainSettings:
         min_target_ignores_dense=bool(config.get("min_target_ignores_dense", d.min_target_ignores_dense)),
         dot_negative_fraction=float(config.get("dot_negative_fraction", d.dot_negative_fraction)),
         random_convolution=float(config.get("random_convolution", d.random_convolution)),
+        stage2_random_convolution=float(config.get("stage2_random_convolution", d.stage2_random_convolution)),
     )
 
 
