@@ -163,8 +163,8 @@ class TrainSettings:
             others (1: every lesion equally often).
         random_convolution: share of stage 1's patches shown with another texture (``RandomConvolution``; 0:
             none).
-        stage2_random_convolution: the same for stage 2's patches (one random network for both of a sample's
-            scales).
+        stage2_random_convolution: the same for stage 2's patches, drawn for each scale after its other
+            augmentations (``stage2_augmentation``).
     """
 
     stage1: StageSchedule = field(default_factory=StageSchedule)
