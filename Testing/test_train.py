@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +35,8 @@ from NoduleDetectionLib.train import (
 )
 from NoduleDetectionLib.train_run import load_config, run_training, settings_from_config
 from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHORT = {
     "seed": 0,
@@ -131,6 +134,35 @@ def test_config_errors_are_one_line(tmp_path):
             load_config(_write(tmp_path, dict(SHORT, dot_negative_fraction=share)))
     with pytest.raises(InputError, match="unknown setting"):
         load_config(_write(tmp_path, dict(SHORT, stage1={"step": 4})))
+
+
+def test_config_keys_with_typos_are_refused(tmp_path):
+    """A misspelt setting is an error naming it, at the top, in a data source and in its ``insert``: ignored, it
+    would train another model than the one asked for without a word."""
+    misspelt = {"stage2_random_convolutoin": 0.5}
+    with pytest.raises(InputError, match="stage2_random_convolutoin"):
+        load_config(_write(tmp_path, dict(SHORT, **misspelt)))
+    with pytest.raises(InputError, match="slice_thickness"):
+        load_config(_write(tmp_path, dict(SHORT, train=[{"phantoms": 1, "slice_thickness": 5.0}])))
+    with pytest.raises(InputError, match="lesion_per_scan"):
+        load_config(_write(tmp_path, dict(SHORT, validation=[{"path": ".", "insert": {"lesion_per_scan": 9}}])))
+    with pytest.raises(InputError, match="must be an object"):
+        load_config(_write(tmp_path, dict(SHORT, train=["scans"])))
+    settings_from_config(load_config(_write(tmp_path, dict(SHORT, time_budget_minutes=5, augment=False))))
+
+
+def _is_config(data: object) -> bool:
+    return isinstance(data, dict) and "train" in data
+
+
+def test_every_config_in_the_repository_loads():
+    """The configs of the shipped model and of every recorded experiment pass ``load_config`` (no misspelt or
+    retired setting), so each command in the model card still runs as written."""
+    configs = [p for folder in ("Resources/Training", "Resources/Models/experiments")
+               for p in sorted((ROOT / folder).rglob("*.json")) if _is_config(json.loads(p.read_text()))]
+    assert len(configs) >= 20
+    for path in configs:
+        settings_from_config(load_config(path))
 
 
 def test_small_attached_lesions_are_drawn_more_often():

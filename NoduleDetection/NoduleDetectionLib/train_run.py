@@ -32,7 +32,8 @@ A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "slice_mm": null, "i
 laid out like ``../shared/data``, a dataset exported from a Slicer scene, or a folder of unannotated scans;
 ``slice_mm``: reconstruct its scans with slices that thick before anything is inserted,
 ``augment.thicken_volume``, so a thin-slice host also serves as a thick-slice one), or
-``{"phantoms": n, "seed": s}`` for synthetic phantoms (tests and smoke runs only).
+``{"phantoms": n, "seed": s}`` for synthetic phantoms (tests and smoke runs only). A key the command does not know,
+at the top, in a source or in its ``insert``, is an error naming it: a misspelt setting is never ignored.
 
 Findings of a source are used as follows (and a LUNA16 folder's class-0 candidate points are stage 2
 negatives, ``train.mine_candidates``): ``nodule`` rows are positives (a sphere of their diameter is
@@ -88,11 +89,25 @@ STAGES = ("stage1", "stage2")
 FINE_TUNE_SETTINGS = ("blob_candidates", "spacing_mm")
 #: Training insertion seeds must stay below this; validation lesion sets use seeds from it upwards.
 VALIDATION_SEED_BASE = 1000
+#: The keys a config may have: ``TrainSettings``' fields under their own names (its time budget in minutes), and
+#: the model and data sections. Anything else is a typo that would otherwise be ignored without a word.
+CONFIG_KEYS = frozenset(TrainSettings.__dataclass_fields__) - {"time_budget_s"} | {
+    "time_budget_minutes", "init_model", "init_stages", "model", "train", "validation"}
+#: The keys of a data source and of its ``insert`` entry.
+SOURCE_KEYS = frozenset({"path", "scans", "slice_mm", "insert", "phantoms", "seed", "phantom_options"})
+INSERT_KEYS = frozenset({"lesions_per_scan", "copies", "seed", "mix", "distractors"})
 
 
 def _is_number(value: object) -> bool:
     """An int or float from JSON (not a bool, which Python counts as an int)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_keys(section: dict, known: frozenset[str], where: str) -> None:
+    """``InputError`` naming the keys of ``section`` that are not in ``known`` (and the known ones)."""
+    unknown = set(section) - known
+    if unknown:
+        raise InputError(f"{where} has unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
 
 
 def load_config(path: str | os.PathLike) -> dict:
@@ -106,9 +121,14 @@ def load_config(path: str | os.PathLike) -> dict:
         raise InputError(f"training config {path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or not config.get("train"):
         raise InputError(f"training config {path} has no 'train' data source")
+    _check_keys(config, CONFIG_KEYS, f"training config {path}")
     base = path.parent
     for key in ("train", "validation"):
         for source in config.get(key) or []:
+            if not isinstance(source, dict):
+                raise InputError(f"each {key} data source must be an object, got {source!r}")
+            _check_keys(source, SOURCE_KEYS, f"a {key} data source")
+            _check_keys(source.get("insert") or {}, INSERT_KEYS, f"a {key} data source's insert")
             if "path" in source and not Path(source["path"]).is_absolute():
                 source["path"] = str((base / source["path"]).resolve())
             ins = source.get("insert") or {}
