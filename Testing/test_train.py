@@ -417,6 +417,39 @@ def test_stage1_loss_weights_voxels_without_going_negative():
     assert float(_loss_stage1(missed, target, heavy)) > float(_loss_stage1(missed, target, light))
 
 
+def test_stage1_focal_loss_weighs_hard_voxels_up(tmp_path):
+    """``focal_gamma`` scales each voxel's cross-entropy by ``(1 - p_t) ** gamma``: a hand computation on two
+    voxels; voxels already right lose nearly all their weight, wrong ones keep much of it; gamma 0 is the plain
+    loss bit for bit; the config checks the exponent."""
+    from NoduleDetectionLib.train import _loss_stage1
+
+    target = torch.tensor([1.0, 0.0])
+    weight = torch.tensor([2.0, 1.0])
+    logits = torch.tensor([2.0, 1.0])  # the lesion voxel fairly right (p 0.88), the background one wrong (p 0.73)
+    p = torch.sigmoid(logits)
+    ce = torch.stack([-torch.log(p[0]), -torch.log(1 - p[1])])
+    factor = torch.stack([1 - p[0], p[1]]) ** 2
+    dice = 1 - (2 * 2 * p[0] + 1) / ((weight * p).sum() + 2 + 1)
+    expected = (weight * ce * factor).sum() / 3 + dice
+    assert torch.allclose(_loss_stage1(logits, target, weight, focal_gamma=2.0), expected, atol=1e-6)
+    assert torch.equal(_loss_stage1(logits, target, weight, focal_gamma=0.0), _loss_stage1(logits, target, weight))
+
+    empty, ones = torch.zeros(1, 1, 4, 4, 4), torch.ones(1, 1, 4, 4, 4)
+
+    def cross_entropy_part(logit: float, gamma: float) -> float:  # the loss less its Dice term (empty target)
+        x = torch.full_like(empty, logit)
+        return float(_loss_stage1(x, empty, ones, focal_gamma=gamma) - (1 - 1 / (torch.sigmoid(x).sum() + 1)))
+
+    assert cross_entropy_part(-6.0, 0.0) > 2e-3 and cross_entropy_part(-6.0, 2.0) < 1e-5  # right: weight ~0
+    assert 0.5 < cross_entropy_part(1.0, 2.0) / cross_entropy_part(1.0, 0.0) < 0.6  # wrong: sigmoid(1) ** 2 kept
+
+    assert settings_from_config({"train": []}).stage1_focal_gamma == 0.0
+    assert settings_from_config({"train": [], "stage1_focal_gamma": 2}).stage1_focal_gamma == 2.0
+    for gamma in (-1, 6, "2", True):
+        with pytest.raises(InputError, match="stage1_focal_gamma"):
+            load_config(_write(tmp_path, dict(SHORT, stage1_focal_gamma=gamma)))
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
     """DistributedDataParallel with the gloo backend: 2 CPU processes train a few steps together."""

@@ -33,6 +33,7 @@ The same code trains the tiny test models on phantoms and the shipped model on r
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -165,6 +166,8 @@ class TrainSettings:
             none).
         stage2_random_convolution: the same for stage 2's patches, drawn for each scale after its other
             augmentations (``stage2_augmentation``).
+        stage1_focal_gamma: stage 1's cross-entropy is a focal loss with this exponent (``_loss_stage1``; 0: plain
+            cross-entropy).
     """
 
     stage1: StageSchedule = field(default_factory=StageSchedule)
@@ -189,6 +192,7 @@ class TrainSettings:
     dot_negative_fraction: float = 0.0
     random_convolution: float = 0.0
     stage2_random_convolution: float = 0.0
+    stage1_focal_gamma: float = 0.0
 
 
 @dataclass
@@ -591,7 +595,8 @@ class Trainer:
             items = [one(rng) for _ in range(s.stage1.batch)]
             return [torch.from_numpy(np.stack([it[i] for it in items]))[:, None] for i in range(3)]
 
-        self._optimise("stage1", self.model.stage1, batch, _loss_stage1, s.stage1, 0.65, state, checkpoint)
+        loss = functools.partial(_loss_stage1, focal_gamma=s.stage1_focal_gamma)
+        self._optimise("stage1", self.model.stage1, batch, loss, s.stage1, 0.65, state, checkpoint)
 
     def train_stage2(self, state: dict | None = None,
                      checkpoint: Callable[[dict], None] | None = None) -> Stage2Samples:
@@ -679,10 +684,22 @@ class WeightAverage:
         return {"mean": {k: v.clone() for k, v in self.mean.items()}, "count": self.count}
 
 
-def _loss_stage1(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Voxel-weighted binary cross-entropy (≥ 0) + voxel-weighted soft Dice loss (in [0, 1] for a 0/1 target)."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / weight.sum().clamp(min=1)
+def _loss_stage1(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                 focal_gamma: float = 0.0) -> torch.Tensor:
+    """Voxel-weighted binary cross-entropy (≥ 0) + voxel-weighted soft Dice loss (in [0, 1] for a 0/1 target).
+
+    ``focal_gamma`` > 0: each voxel's cross-entropy is scaled by ``(1 - p_t) ** focal_gamma``, ``p_t`` the
+    probability it gives the voxel's true class (the focal loss of Lin et al., 2017: voxels already classified
+    well weigh little, so the hard ones, faint small lesions and lesion-like vessels, weigh more).
+    """
     p = torch.sigmoid(logits)
+    if focal_gamma > 0:
+        p_true = torch.where(target > 0.5, p, 1 - p)
+        voxel = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * (1 - p_true).pow(focal_gamma)
+        bce = (weight * voxel).sum() / weight.sum().clamp(min=1)
+    else:
+        bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+        bce = bce / weight.sum().clamp(min=1)
     dice = 1 - (2 * (weight * p * target).sum() + 1) / ((weight * p).sum() + (weight * target).sum() + 1)
     return bce + dice
 

@@ -24,7 +24,8 @@
       "elastic_mm": 0,                     # stage 1: augmentation bends patches (displacement s.d., mm)
       "dot_negative_fraction": 0,          # stage 1: share of non-lesion patches centred on bright compact spots
       "random_convolution": 0,             # stage 1: share of patches given another texture by a random network
-      "stage2_random_convolution": 0       # stage 2: the same
+      "stage2_random_convolution": 0,      # stage 2: the same
+      "stage1_focal_gamma": 0              # stage 1: focal loss exponent (0: plain cross-entropy)
     }
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "slice_mm": null, "insert": null |
@@ -151,6 +152,9 @@ def load_config(path: str | os.PathLike) -> dict:
     dots = config.get("dot_negative_fraction", 0)
     if not (_is_number(dots) and 0 <= dots <= 1):
         raise InputError(f"dot_negative_fraction must be a share from 0 to 1, got {dots!r}")
+    gamma = config.get("stage1_focal_gamma", 0)
+    if not (_is_number(gamma) and 0 <= gamma <= 5):
+        raise InputError(f"stage1_focal_gamma must be a number from 0 to 5, got {gamma!r}")
     for key in ("random_convolution", "stage2_random_convolution"):
         texture = config.get(key, 0)
         if not (_is_number(texture) and 0 <= texture <= 1):
@@ -201,6 +205,7 @@ def settings_from_config(config: dict) -> TrainSettings:
         dot_negative_fraction=float(config.get("dot_negative_fraction", d.dot_negative_fraction)),
         random_convolution=float(config.get("random_convolution", d.random_convolution)),
         stage2_random_convolution=float(config.get("stage2_random_convolution", d.stage2_random_convolution)),
+        stage1_focal_gamma=float(config.get("stage1_focal_gamma", d.stage1_focal_gamma)),
     )
 
 
