@@ -146,8 +146,9 @@ def test_config_keys_with_typos_are_refused(tmp_path):
         load_config(_write(tmp_path, dict(SHORT, train=[{"phantoms": 1, "slice_thickness": 5.0}])))
     with pytest.raises(InputError, match="lesion_per_scan"):
         load_config(_write(tmp_path, dict(SHORT, validation=[{"path": ".", "insert": {"lesion_per_scan": 9}}])))
-    with pytest.raises(InputError, match="must be an object"):
-        load_config(_write(tmp_path, dict(SHORT, train=["scans"])))
+    for source in ("scans", {"path": ".", "insert": [40]}):
+        with pytest.raises(InputError, match="must be an object"):
+            load_config(_write(tmp_path, dict(SHORT, train=[source])))
     settings_from_config(load_config(_write(tmp_path, dict(SHORT, time_budget_minutes=5, augment=False))))
 
 

@@ -126,8 +126,8 @@ def load_config(path: str | os.PathLike) -> dict:
     base = path.parent
     for key in ("train", "validation"):
         for source in config.get(key) or []:
-            if not isinstance(source, dict):
-                raise InputError(f"each {key} data source must be an object, got {source!r}")
+            if not isinstance(source, dict) or not isinstance(source.get("insert") or {}, dict):
+                raise InputError(f"each {key} data source and its insert must be an object, got {source!r}")
             _check_keys(source, SOURCE_KEYS, f"a {key} data source")
             _check_keys(source.get("insert") or {}, INSERT_KEYS, f"a {key} data source's insert")
             if "path" in source and not Path(source["path"]).is_absolute():
@@ -161,10 +161,7 @@ def load_config(path: str | os.PathLike) -> dict:
             raise InputError(f"{key} must be a share from 0 to 1, got {texture!r}")
     for stage in STAGES:
         schedule = config.get(stage) or {}
-        unknown = set(schedule) - set(StageSchedule.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"{stage} has unknown setting(s) {sorted(unknown)}; known: "
-                             f"{sorted(StageSchedule.__dataclass_fields__)}")
+        _check_keys(schedule, frozenset(StageSchedule.__dataclass_fields__), stage)
         start = schedule.get("average_from", 0)
         if not (isinstance(start, int) and not isinstance(start, bool) and start >= 0):
             raise InputError(f"{stage}.average_from must be a step number (0: no weight averaging), got {start!r}")
