@@ -29,7 +29,6 @@ from NoduleDetectionLib.blobs import ShapeFilter, find_blobs  # noqa: E402
 from NoduleDetectionLib.datasets import Dataset, read_scan_list  # noqa: E402
 from NoduleDetectionLib.errors import NoduleDetectionError  # noqa: E402
 from NoduleDetectionLib.evaluate import Candidate, evaluate, froc_output_paths, write_froc_outputs  # noqa: E402
-from NoduleDetectionLib.io import read_ct  # noqa: E402
 from NoduleDetectionLib.preprocess import prepare  # noqa: E402
 
 #: Working grid (mm) and top-hat cube (mm; wider than the largest nodule, narrower than the chest wall's bulk).
@@ -44,7 +43,7 @@ def baseline_candidates(dataset: Path, scans: list[str] | None, count: int) -> t
     candidates: list[Candidate] = []
     rows = ["seriesuid,coordX,coordY,coordZ,probability\n"]
     for scan in tqdm(ds.scans, desc="blob filter", unit="scan"):
-        volume = read_ct(scan.path, series_uid=scan.seriesuid if scan.path.is_dir() else None)
+        volume = scan.read()
         prep = prepare(volume, SPACING_MM)
         shapes = ShapeFilter(prep.image, prep.geometry, tophat_mm=TOPHAT_MM, scales_mm=SCALES_MM)
         blobs = find_blobs(prep.image, prep.lung, prep.geometry, count, shapes=shapes)

@@ -241,14 +241,13 @@ def dataset_scores(detector: Detector, ds: Dataset, thresholds: Sequence[float],
                    progress: Callable[[str, float], None] | None = None) -> dict[float, ValidationScores]:
     """``scan_scores`` of every scan of ``ds`` (masses as ``detect`` reports them), joined per candidate threshold.
     ``progress(scan name, fraction done)``."""
-    from .io import read_ct
 
     cfg = detector.config
     parts: dict[float, list[ValidationScores]] = {float(t): [] for t in thresholds}
     for n, scan in enumerate(ds.scans):
         if progress is not None:
             progress(scan.name, n / len(ds.scans))
-        volume = read_ct(scan.path, series_uid=scan.seriesuid if scan.path.is_dir() else None)
+        volume = scan.read()
         prep = prepare(volume, cfg.stage1.spacing_mm, cfg.hu_window)
         for t, s in scan_scores(detector, scan.seriesuid, volume, prep, list(parts), with_masses=True,
                                 with_dot=with_dot, with_features=with_features).items():

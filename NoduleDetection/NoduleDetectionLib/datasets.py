@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .io import read_ct
+from .volume import CTVolume
 
 #: Values of the ``status`` column of the shared layout.
 STATUSES = ("nodule", "excluded", "mass")
@@ -89,6 +91,10 @@ class ScanEntry:
     def stem(self) -> str:
         """The entry's name without its image extension (``LIDC-IDRI-0003``, ``<uid>``)."""
         return _without_suffix(self.path.name)
+
+    def read(self) -> CTVolume:
+        """The scan in HU with its LPS geometry (``io.read_ct``; a DICOM folder is read for this entry's series)."""
+        return read_ct(self.path, series_uid=self.seriesuid if self.path.is_dir() else None)
 
 
 @dataclass

@@ -479,7 +479,6 @@ def evaluate_detector(dataset: str | os.PathLike, outdir: str | os.PathLike, mod
     FROC outputs into ``outdir``; returns their paths. ``progress(scan name, fraction done)``.
     """
     from .detect import Detector  # torch is only needed here, not for scoring files
-    from .io import read_ct
 
     ds = Dataset.open(dataset, list(scans) if scans is not None else None)
     if not any(s.annotations for s in ds.scans):
@@ -498,7 +497,7 @@ def evaluate_detector(dataset: str | os.PathLike, outdir: str | os.PathLike, mod
         if progress is not None:
             progress(scan.name, n / len(ds.scans))
         t0 = time.perf_counter()
-        volume = read_ct(scan.path, series_uid=scan.seriesuid if scan.path.is_dir() else None)
+        volume = scan.read()
         t1 = time.perf_counter()
         result = detector.detect(volume, threshold=threshold)
         t2 = time.perf_counter()

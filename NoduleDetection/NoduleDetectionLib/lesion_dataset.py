@@ -47,7 +47,7 @@ from .atomic import write_text_atomic
 from .datasets import Dataset, ScanEntry
 from .errors import InputError, OutputError
 from .evaluate import SIZE_BINS
-from .io import read_ct, write_volume
+from .io import write_volume
 from .lesions import LUNA16_LIKE, LesionSpec, avoid_radius_mm, estimate_noise_std, insert_lesions, sample_lesion_specs
 from .preprocess import lung_mask
 
@@ -119,7 +119,7 @@ def make_lesion_dataset(
         jobs = [j for j, (h, _) in enumerate(plan) if h == host_index]
         if not jobs:
             continue
-        volume = read_ct(host.path, series_uid=host.seriesuid if host.path.is_dir() else None)
+        volume = host.read()
         lungs = lung_mask(volume).mask
         noise = estimate_noise_std(volume.array)
         host_findings = [*host.annotations, *host.excluded, *host.masses]
