@@ -254,7 +254,7 @@ class NoduleDetectionTrainingWidget(ScriptedLoadableModuleWidget, VTKObservation
             records = []
         if self._plot is not None and records:
             self._plot.add_records(records)
-        progress = [r for r in records if r.get("stage") in ("stage1", "stage2")]
+        progress = [r for r in records if r.get("stage") in ("stage1", "stage1_refine", "stage2")]
         if progress:
             last = progress[-1]
             self.ui.progressBar.setFormat(f"{last['stage']}: step {last['step']}/{last['steps']}")

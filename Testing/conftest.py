@@ -52,3 +52,23 @@ def train_tiny_model(path: Path, seed: int = 0) -> Path:
 def tiny_model_path(tmp_path_factory) -> Path:
     """Path of a tiny model trained on phantoms once per test session."""
     return train_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def host_folder(tmp_path_factory) -> Path:
+    """A shared-layout folder with one synthetic phantom host (``ph``): a real nodule, an excluded point mark and a
+    mass row; a host for ``make-lesion-dataset``."""
+    import numpy as np
+    from NoduleDetectionLib.io import write_volume
+    from NoduleDetectionLib.synthetic import make_phantom
+
+    root = tmp_path_factory.mktemp("hosts")
+    (root / "ct").mkdir()
+    phantom = make_phantom(np.random.default_rng(3), n_nodules=1, name="ph")
+    write_volume(phantom.volume, root / "ct" / "ph.nrrd")
+    (x, y, z), d = phantom.nodules[0]
+    (root / "annotations.csv").write_text(
+        "seriesuid,scan,coordX,coordY,coordZ,diameter_mm,status,source\n"
+        f'ph,ph.nrrd,{x},{y},{z},{d},nodule,"reader consensus, 4/4"\n'
+        "ph,ph.nrrd,40,0,0,-1,excluded,point mark\nph,ph.nrrd,-40,0,0,35,mass,label\n")
+    return root

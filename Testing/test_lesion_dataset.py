@@ -11,26 +11,9 @@ from NoduleDetectionLib import cli
 from NoduleDetectionLib.datasets import Dataset, Finding, read_findings
 from NoduleDetectionLib.errors import InputError, OutputError
 from NoduleDetectionLib.evaluate import Candidate, _report_markdown, evaluate
-from NoduleDetectionLib.io import read_ct, write_volume
+from NoduleDetectionLib.io import read_ct
 from NoduleDetectionLib.lesion_dataset import COLUMNS, make_lesion_dataset, plan_copies
 from NoduleDetectionLib.lesions import POSITIONS, SHAPES, TEXTURES
-from NoduleDetectionLib.synthetic import make_phantom
-
-HEADER = "seriesuid,scan,coordX,coordY,coordZ,diameter_mm,status,source\n"
-
-
-@pytest.fixture(scope="module")
-def host_folder(tmp_path_factory):
-    """A shared-layout folder with one phantom host: a real nodule, an excluded point mark and a mass row."""
-    root = tmp_path_factory.mktemp("hosts")
-    (root / "ct").mkdir()
-    phantom = make_phantom(np.random.default_rng(3), n_nodules=1, name="ph")
-    write_volume(phantom.volume, root / "ct" / "ph.nrrd")
-    (x, y, z), d = phantom.nodules[0]
-    (root / "annotations.csv").write_text(
-        HEADER + f'ph,ph.nrrd,{x},{y},{z},{d},nodule,"reader consensus, 4/4"\n'
-        "ph,ph.nrrd,40,0,0,-1,excluded,point mark\nph,ph.nrrd,-40,0,0,35,mass,label\n")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,13 @@ from NoduleDetectionLib.detect import Detector
 from NoduleDetectionLib.errors import InputError
 from NoduleDetectionLib.evaluate import Candidate
 from NoduleDetectionLib.geometry import Geometry
-from NoduleDetectionLib.models import ModelConfig, NoduleModel, Stage1Config
+from NoduleDetectionLib.models import ModelConfig, NoduleModel, Stage1Config, Stage2Config
 from NoduleDetectionLib.train import (
     BN_BATCHES,
     DENSE_HOST_HU,
     DOT_NEGATIVE_MARGIN_MM,
     MIN_HIT_RADIUS_MM,
+    PHASES,
     SAMPLE_SOURCES,
     StageSchedule,
     Trainer,
@@ -33,7 +34,7 @@ from NoduleDetectionLib.train import (
     prepare_case,
     sphere_mask,
 )
-from NoduleDetectionLib.train_run import load_config, run_training, settings_from_config
+from NoduleDetectionLib.train_run import _refinement_as_stage1, load_config, run_training, settings_from_config
 from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +151,109 @@ def test_config_keys_with_typos_are_refused(tmp_path):
         with pytest.raises(InputError, match="must be an object"):
             load_config(_write(tmp_path, dict(SHORT, train=[source])))
     settings_from_config(load_config(_write(tmp_path, dict(SHORT, time_budget_minutes=5, augment=False))))
+
+
+def test_calibration_and_refinement_settings_are_checked_before_training(tmp_path):
+    """A run's ``calibration`` section and ``stage1_refine`` schedule are checked when the config is read, with a
+    one-line error, not after hours of training."""
+    config = load_config(_write(tmp_path, dict(SHORT, calibration={"lesions": {"path": "hosts", "seed": 2000}})))
+    assert Path(config["calibration"]["lesions"]["path"]) == (tmp_path / "hosts").resolve()
+    bad = [({"lesions": {"path": ".", "seed": 7}}, "seed must be 1000 or more"),
+           ({"lesions": {"path": "."}, "weight": [0.5]}, "weight"),
+           ({"lesions": {"path": ".", "per_copy": 0}}, "per_copy"),
+           ({"lesions": {"path": ".", "lesion": 20}}, "lesion"),
+           ({"lesions": {"seed": 2000}}, "'path'"),
+           ({"lesions": {"path": "."}, "weights": [2]}, "between 0 and 1"),
+           ({"lesions": {"path": "."}, "temperatures": ["hot"]}, "not numbers"),
+           ({"lesions": {"path": "."}, "stage1_bf16": "yes"}, "true or false"),
+           ({"lesions": {"path": "."}, "blob_candidates": 5000}, "blob-candidates"),
+           ([{"path": "."}], "lesion set")]
+    for section, message in bad:
+        with pytest.raises(InputError, match=message):
+            load_config(_write(tmp_path, dict(SHORT, calibration=section)))
+    with pytest.raises(InputError, match="step"):
+        load_config(_write(tmp_path, dict(SHORT, stage1_refine={"step": 5})))
+    settings = settings_from_config(load_config(_write(tmp_path, dict(SHORT, stage1_refine={"steps": 5}))))
+    assert settings.stage1_refine.steps == 5 and settings_from_config(SHORT).stage1_refine.steps == 0
+
+
+def test_stage1_refinement_runs_between_the_stages_and_resumes_in_place():
+    """``stage1_refine`` goes on from stage 1's result before stage 2 is mined and trained; a run resumed from a
+    checkpoint taken in the refinement continues it there (stage 1 is not redone) and ends with the same U-net."""
+    config = ModelConfig(stage1=Stage1Config(spacing_mm=2.0, channels=(4, 8), tile=64),
+                         stage2=Stage2Config(patch=12, scales_mm=(1.5, 3.0), channels=(4, 8)))
+    model = NoduleModel.build(config, seed=0)
+    cases = [prepare_case(c, model) for c in phantom_cases(2, seed=1, shape=(32, 64, 80))]
+    settings = TrainSettings(stage1=StageSchedule(steps=2, batch=2, lr=0.01),
+                             stage1_refine=StageSchedule(steps=4, batch=2, lr=0.005, constant_lr=True, average_from=1),
+                             stage2=StageSchedule(steps=2, batch=4, lr=0.003), patch1=24, validate_every=2)
+    states = []
+    trainer = Trainer(model, cases, [], settings)
+    trainer.train(checkpoint=lambda s: states.append(_saved(s)))
+    states = [torch.load(s, weights_only=True) for s in states]
+    assert [(r["stage"], r["step"]) for r in trainer.history] == (
+        [("stage1", 1), ("stage1", 2)] + [("stage1_refine", i) for i in range(1, 5)] + [("stage2", 1), ("stage2", 2)])
+    assert [(s["stage"], s["step"]) for s in states] == [
+        ("stage1", 2), ("stage1_refine", 2), ("stage1_refine", 4), ("stage2", 2)]
+    refined = {k: v.clone() for k, v in model.stage1.state_dict().items()}
+
+    other = NoduleModel.build(config, seed=5)
+    other.stage1.load_state_dict(states[1]["net"])  # as ``run_training`` restores the checkpoint's networks
+    resumed = Trainer(other, cases, [], settings)
+    resumed.train(states[1])
+    assert [(r["stage"], r["step"]) for r in resumed.history] == [
+        ("stage1_refine", 3), ("stage1_refine", 4), ("stage2", 1), ("stage2", 2)]
+    for key, value in other.stage1.state_dict().items():
+        assert torch.allclose(value.float(), refined[key].float(), atol=1e-5), key
+    # Without refinement steps the phase is skipped.
+    plain = Trainer(NoduleModel.build(config, seed=0), cases, [],
+                    TrainSettings(stage1=StageSchedule(steps=1, batch=2), stage2=StageSchedule(steps=1, batch=4),
+                                  patch1=24))
+    plain.train()
+    assert [r["stage"] for r in plain.history] == ["stage1", "stage2"]
+
+
+def test_a_run_with_refinement_logs_and_plots_it(tmp_path):
+    run_training(_write(tmp_path, dict(SHORT, stage1_refine={"steps": 3, "batch": 2, "lr": 0.005})),
+                 tmp_path / "run", device="cpu")
+    records = _log(tmp_path / "run")
+    assert [r["stage"] for r in records if r["stage"] in PHASES] == ["stage1"] * 6 + ["stage1_refine"] * 3 + [
+        "stage2"] * 4
+    shown, refine_from = _refinement_as_stage1(records)
+    assert refine_from == 6
+    assert [r["step"] for r in shown if r["stage"] == "stage1"] == list(range(1, 10))
+    assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
+
+
+def test_a_run_can_end_calibrated(tmp_path, host_folder):
+    """With a ``calibration`` section, ``train`` inserts that lesion set and calibrates the trained model on it with
+    the pinned options, as ``make-lesion-dataset`` and ``calibrate`` would: the run's model is the calibrated one,
+    the trained networks are kept beside it unchanged."""
+    section = {"lesions": {"path": str(host_folder), "lesions": 3, "per_copy": 2, "seed": 1000},
+               "candidate_thresholds": [0.1], "weights": [0.5], "temperatures": [4.0], "dot_weights": [0.0],
+               "blob_candidates": 3}
+    model_path = run_training(_write(tmp_path, dict(SHORT, calibration=section, target_fp_per_scan=1.0)),
+                              tmp_path / "run", device="cpu")
+    run = tmp_path / "run"
+    for name in ("trained_model.safetensors", "calibration/calibration.json", "calibration/calibration.md",
+                 "calibration_lesions/annotations.csv", "model_card.md"):
+        assert (run / name).is_file(), name
+    record = json.loads((run / "calibration" / "calibration.json").read_text())
+    assert record["nodules"] == 3 and record["fp_per_scan"] == 1.0
+    assert record["dataset"] == str(run / "calibration_lesions")
+    model, trained = NoduleModel.load(model_path), NoduleModel.load(run / "trained_model.safetensors")
+    assert (model.config.stage1.candidate_threshold, model.config.stage2.weight, model.config.stage1.score_temperature,
+            model.config.stage1.blob_candidates) == (0.1, 0.5, 4.0, 3)
+    assert model.config.threshold == record["chosen"]["threshold"]
+    assert trained.config.stage1.candidate_threshold == 0.3 and trained.config.stage1.blob_candidates == 0
+    for net in ("stage1", "stage2"):
+        mine, theirs = getattr(model, net).state_dict(), getattr(trained, net).state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), net
+    assert model.config.card["calibration"]["chosen"]["cpm"] == record["chosen"]["cpm"]
+    assert "calibration**: CPM" in (run / "model_card.md").read_text()
+    records = _log(run)
+    assert [r["stage"] for r in records[-2:]] == ["done", "calibration"]
+    assert records[-1]["calibration_cpm"] == record["chosen"]["cpm"] and records[-1]["val_cpm"] is None
 
 
 def _is_config(data: object) -> bool:

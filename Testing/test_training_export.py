@@ -192,6 +192,7 @@ def test_plot_follows_a_log_file(mrml_scene, tmp_path):
         {"stage": "stage1", "step": 2, "steps": 4, "loss": 1.0, "val_cpm": None, "elapsed_s": 1.0},
         {"stage": "validation", "step": 2, "steps": 4, "loss": None, "val_cpm": 0.1, "elapsed_s": 1.5},
         {"stage": "stage1", "step": 4, "steps": 4, "loss": 0.7, "val_cpm": None, "elapsed_s": 2.0},
+        {"stage": "stage1_refine", "step": 2, "steps": 2, "loss": 0.5, "val_cpm": None, "elapsed_s": 2.5},
         {"stage": "stage2", "step": 3, "steps": 3, "loss": 0.3, "val_cpm": None, "elapsed_s": 3.0},
         {"stage": "done", "step": 0, "steps": 0, "loss": None, "val_cpm": 0.4, "elapsed_s": 3.5},
     ]
@@ -202,7 +203,7 @@ def test_plot_follows_a_log_file(mrml_scene, tmp_path):
     with log.open("a", encoding="utf-8") as f:
         f.write("".join(json.dumps(r) + "\n" for r in records[3:]))
     new, offset = read_log_records(log, offset)
-    assert plot.add_records(new) == 3
+    assert plot.add_records(new) == 4
 
     def columns(node, *names):
         table = node.GetTable()
@@ -210,8 +211,8 @@ def test_plot_follows_a_log_file(mrml_scene, tmp_path):
                  for n in names] for r in range(table.GetNumberOfRows())]
 
     assert columns(plot.loss_table, "iteration", "loss", "stage") == [
-        [1, 1.2, "stage1"], [2, 1.0, "stage1"], [4, 0.7, "stage1"], [7, 0.3, "stage2"]]
-    assert columns(plot.validation_table, "iteration", "val_cpm") == [[2, 0.1], [7, 0.4]]
+        [1, 1.2, "stage1"], [2, 1.0, "stage1"], [4, 0.7, "stage1"], [6, 0.5, "stage1_refine"], [9, 0.3, "stage2"]]
+    assert columns(plot.validation_table, "iteration", "val_cpm") == [[2, 0.1], [9, 0.4]]
     chart = plot.chart
     assert chart.GetNumberOfPlotSeriesNodes() == 2
     series = [chart.GetNthPlotSeriesNode(i) for i in range(2)]

@@ -257,6 +257,34 @@ def dataset_scores(detector: Detector, ds: Dataset, thresholds: Sequence[float],
     return {t: ValidationScores.concat(p) for t, p in parts.items()}
 
 
+def check_options(candidate_thresholds: Sequence[float] | None = None, weights: Sequence[float] | None = None,
+                  temperatures: Sequence[float | None] | None = None, dot_weights: Sequence[float] | None = None,
+                  feature_weights: Sequence[float] | None = None, blob_candidates: int | None = None,
+                  stage1_spacing_mm: float | None = None, bn_adapt: float | None = None,
+                  fp_per_scan: float = 0.5) -> None:
+    """Raise ``InputError`` with a one-line reason if an option of ``calibrate`` is out of range (``None``: its
+    default, always valid), before any scan is read."""
+    if (candidate_thresholds is not None and not candidate_thresholds) or (weights is not None and not weights):
+        raise InputError("give at least one candidate threshold and one stage 2 weight")
+    if temperatures is not None and any(x is not None and x <= 0 for x in temperatures):
+        raise InputError(f"score temperatures must be positive, got {list(temperatures)}")
+    if dot_weights is not None and (not dot_weights or any(not 0.0 <= float(a) <= 4.0 for a in dot_weights)):
+        raise InputError(f"shape weights must be between 0 and 4, got {list(dot_weights)}")
+    if feature_weights is not None and (not feature_weights
+                                        or any(not 0.0 <= float(f) <= 1.0 for f in feature_weights)):
+        raise InputError(f"feature weights must be between 0 and 1, got {list(feature_weights)}")
+    _check_blob_candidates(blob_candidates)
+    if stage1_spacing_mm is not None and not 0.5 <= stage1_spacing_mm <= 3.0:
+        raise InputError(f"--stage1-spacing must be between 0.5 and 3 mm, got {stage1_spacing_mm}")
+    if bn_adapt is not None and not 0.0 <= bn_adapt <= 1.0:
+        raise InputError(f"--bn-adapt must be between 0 and 1, got {bn_adapt}")
+    for t in list(candidate_thresholds or []) + list(weights or []):
+        if not 0.0 <= float(t) <= 1.0:
+            raise InputError(f"candidate thresholds and stage 2 weights must be between 0 and 1, got {t}")
+    if fp_per_scan <= 0:
+        raise InputError(f"--fp-per-scan must be positive, got {fp_per_scan}")
+
+
 def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str | os.PathLike | None = None,
               scans: Sequence[str] | None = None, candidate_thresholds: Sequence[float] | None = None,
               weights: Sequence[float] | None = None, temperatures: Sequence[float | None] | None = None,
@@ -282,29 +310,12 @@ def calibrate(dataset: str | os.PathLike, outdir: str | os.PathLike, model: str 
     ``calibration.json`` and ``calibration.md`` into ``outdir``; returns their paths.
     ``progress(scan name, fraction done)``.
     """
+    check_options(candidate_thresholds, weights, temperatures, dot_weights, feature_weights, blob_candidates,
+                  stage1_spacing_mm, bn_adapt, fp_per_scan)
     candidate_thresholds = CANDIDATE_THRESHOLDS if candidate_thresholds is None else candidate_thresholds
     weights = STAGE_WEIGHTS if weights is None else weights
-    if not candidate_thresholds or not weights:
-        raise InputError("give at least one candidate threshold and one stage 2 weight")
     temperatures = SCORE_TEMPERATURES if temperatures is None else temperatures
-    if any(x is not None and x <= 0 for x in temperatures):
-        raise InputError(f"score temperatures must be positive, got {list(temperatures)}")
     dot_weights = DOT_WEIGHTS if dot_weights is None else dot_weights
-    if not dot_weights or any(not 0.0 <= float(a) <= 4.0 for a in dot_weights):
-        raise InputError(f"shape weights must be between 0 and 4, got {list(dot_weights)}")
-    if feature_weights is not None and (not feature_weights
-                                        or any(not 0.0 <= float(f) <= 1.0 for f in feature_weights)):
-        raise InputError(f"feature weights must be between 0 and 1, got {list(feature_weights)}")
-    _check_blob_candidates(blob_candidates)
-    if stage1_spacing_mm is not None and not 0.5 <= stage1_spacing_mm <= 3.0:
-        raise InputError(f"--stage1-spacing must be between 0.5 and 3 mm, got {stage1_spacing_mm}")
-    if bn_adapt is not None and not 0.0 <= bn_adapt <= 1.0:
-        raise InputError(f"--bn-adapt must be between 0 and 1, got {bn_adapt}")
-    for t in list(candidate_thresholds) + list(weights):
-        if not 0.0 <= float(t) <= 1.0:
-            raise InputError(f"candidate thresholds and stage 2 weights must be between 0 and 1, got {t}")
-    if fp_per_scan <= 0:
-        raise InputError(f"--fp-per-scan must be positive, got {fp_per_scan}")
     ds = Dataset.open(dataset, list(scans) if scans is not None else None)
     if not any(s.annotations for s in ds.scans):
         raise InputError(f"no nodule annotation in the chosen scans of {ds.root}: nothing to calibrate on")

@@ -8,13 +8,12 @@ line to stderr and exit with status 2; nothing prints a traceback for a user err
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from .errors import NoduleDetectionError
@@ -268,32 +267,12 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_calibrate)
 
 
-@contextlib.contextmanager
-def _progress_bar(desc: str) -> Iterator[Callable[[str, float], None]]:
-    """A ``progress(name, fraction)`` callback drawing a tqdm bar, made at its first call (so that a refused input
-    prints no bar) and closed on leaving."""
-    from tqdm.auto import tqdm
-
-    bars: list = []
-
-    def progress(name: str, fraction: float) -> None:
-        if not bars:
-            bars.append(tqdm(total=100, desc=desc, unit="%"))
-        bars[0].update(round(100 * fraction) - bars[0].n)
-        bars[0].set_postfix_str(name)
-
-    try:
-        yield progress
-    finally:
-        for bar in bars:
-            bar.close()
-
-
 def _run_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
     from .datasets import read_scan_list
+    from .pipeline import progress_bar
 
-    with _progress_bar("calibrating") as progress:
+    with progress_bar("calibrating") as progress:
         paths = calibrate(
             args.dataset, args.output, model=args.model, scans=read_scan_list(args.scans) if args.scans else None,
             candidate_thresholds=args.candidate_thresholds, weights=args.weights, dot_weights=args.shape_weights,
@@ -329,8 +308,9 @@ def _add_fit_features(sub: argparse._SubParsersAction) -> None:
 def _run_fit_features(args: argparse.Namespace) -> int:
     from .calibrate import fit_features
     from .datasets import read_scan_list
+    from .pipeline import progress_bar
 
-    with _progress_bar("measuring") as progress:
+    with progress_bar("measuring") as progress:
         paths = fit_features(args.dataset, args.output, model=args.model,
                              scans=read_scan_list(args.scans) if args.scans else None,
                              blob_candidates=args.blob_candidates, l2=args.l2, device=args.device,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -39,6 +41,25 @@ class TqdmProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+@contextlib.contextmanager
+def progress_bar(desc: str, disable: bool = False) -> Iterator[Callable[[str, float], None]]:
+    """A ``progress(name, fraction)`` callback drawing one tqdm bar, made at its first call (so that a refused input
+    prints no bar) and closed on leaving."""
+    bars: list[tqdm] = []
+
+    def progress(name: str, fraction: float) -> None:
+        if not bars:
+            bars.append(tqdm(total=100, desc=desc, unit="%", disable=disable))
+        bars[0].update(round(100 * fraction) - bars[0].n)
+        bars[0].set_postfix_str(name)
+
+    try:
+        yield progress
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def detect_to_files(

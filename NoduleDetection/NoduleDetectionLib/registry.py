@@ -12,7 +12,8 @@ on macOS, ``%LOCALAPPDATA%\\NoduleDetection\\models`` on Windows). The NoduleDet
 adds models here; the NoduleDetection module lists them. Plain files only: no torch, Qt or ``slicer``.
 
 The training log (``train_log.jsonl``, written by ``nodule-detection train``) holds one JSON object per line:
-``{"stage": "stage1"|"stage2"|"validation"|"done", "step", "steps", "loss", "val_cpm", "elapsed_s"}``.
+``{"stage": "stage1"|"stage1_refine"|"stage2"|"validation"|"done"|"calibration", "step", "steps", "loss", "val_cpm",
+"elapsed_s"}``.
 ``read_log_records`` reads it incrementally, so a GUI can follow a running training.
 
 Example::
@@ -189,7 +190,7 @@ def training_figures(records: list[dict]) -> dict[str, Any]:
     """Summary figures of a training log: steps run per stage, last loss per stage, best and last
     validation CPM, total time (s), and whether the run finished (a ``done`` record)."""
     figures: dict[str, Any] = {"finished": any(r.get("stage") == "done" for r in records)}
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1", "stage1_refine", "stage2"):
         rows = [r for r in records if r.get("stage") == stage]
         if rows:
             figures[f"{stage}_steps"] = int(rows[-1].get("step", len(rows)))

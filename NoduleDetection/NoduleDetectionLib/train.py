@@ -83,6 +83,13 @@ ATTACHED_POSITIONS = ("juxtapleural", "juxtavascular")
 DENSE_HOST_HU = -300.0
 #: Training batches over which ``WeightAverage.apply`` recomputes batch-norm statistics for averaged weights.
 BN_BATCHES = 32
+#: Each optimisation phase draws its batches from its own random stream, ``[seed, rank, stream]`` (3 is the
+#: stream of the batch-norm batches of averaged weights).
+PHASE_STREAMS = {"stage1": 1, "stage2": 2, "stage1_refine": 4}
+#: The optimisation phases of a run, in order (``Trainer.train``).
+PHASES = ("stage1", "stage1_refine", "stage2")
+#: Share of the time budget by whose end each phase stops.
+PHASE_BUDGET_SHARES = {"stage1": 0.65, "stage1_refine": 0.75, "stage2": 0.95}
 #: Blob-filter spots per training case for ``TrainSettings.dot_negative_fraction``, and how far (mm) from a
 #: lesion target they must lie.
 DOT_NEGATIVES_PER_CASE, DOT_NEGATIVE_MARGIN_MM = 300, 3.0
@@ -140,7 +147,8 @@ class TrainSettings:
         patch1: stage 1 patch edge in working-grid voxels.
         validate_every: steps between validations (0: validate only at the end of each stage).
         patience: validations without improvement before a stage stops early.
-        time_budget_s: wall-clock budget of the whole run (``None``: unlimited); stage 1 may use 65% of it.
+        time_budget_s: wall-clock budget of the whole run (``None``: unlimited); each phase stops when its share
+            of it is spent (``PHASE_BUDGET_SHARES``: stage 1 65 %, its refinement 75 %, stage 2 95 %).
         target_fp_per_scan: the default threshold is the lowest probability whose validation false
             positives per scan stay at or below this.
         balance_lesions: stage 1 draws lesion patches per lesion (not per lesion voxel) and weights the voxels of
@@ -168,9 +176,12 @@ class TrainSettings:
             augmentations (``stage2_augmentation``).
         stage1_focal_gamma: stage 1's cross-entropy is a focal loss with this exponent (``_loss_stage1``; 0: plain
             cross-entropy).
+        stage1_refine: a second stage 1 phase, run from the first phase's result before stage 2 is trained (0
+            steps: none), e.g. a constant learning rate with its weights averaged (``StageSchedule.average_from``).
     """
 
     stage1: StageSchedule = field(default_factory=StageSchedule)
+    stage1_refine: StageSchedule = field(default_factory=lambda: StageSchedule(steps=0))
     stage2: StageSchedule = field(default_factory=lambda: StageSchedule(steps=200, batch=32))
     patch1: int = 48
     positive_fraction: float = 0.5
@@ -481,13 +492,14 @@ class Trainer:
         return evaluate(self.val_findings, cands, scans, n_bootstrap=0).cpm
 
     def _optimise(self, stage: str, net: torch.nn.Module, batch_fn, loss_fn, schedule: StageSchedule,
-                  budget_share: float, state: dict | None, checkpoint: Callable[[dict], None] | None) -> None:
+                  state: dict | None, checkpoint: Callable[[dict], None] | None) -> None:
         wrapped = self._wrap(net)
         opt = torch.optim.AdamW(net.parameters(), lr=schedule.lr, weight_decay=1e-4)
         lr_sched = (torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0) if schedule.constant_lr else
                     torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=schedule.lr, total_steps=max(schedule.steps, 1)))
         scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
-        rng = np.random.default_rng([self.settings.seed, self.rank, 1 if stage == "stage1" else 2])
+        rng = np.random.default_rng([self.settings.seed, self.rank, PHASE_STREAMS[stage]])
+        budget_share = PHASE_BUDGET_SHARES[stage]
         start, best, best_state, stale = 0, -1.0, None, 0
         average = WeightAverage() if schedule.average_from else None
         if state is not None and state.get("stage") == stage:
@@ -549,8 +561,20 @@ class Trainer:
         net.eval()
 
     # ------------------------------------------------------------------ stages
-    def train_stage1(self, state: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> None:
-        """Optimise the U-net (patches of the working grid, BCE + soft Dice, ignore regions masked)."""
+    def train(self, state: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> Stage2Samples:
+        """Run stage 1, its refinement (when ``stage1_refine`` has steps) and stage 2 in that order, from the
+        phase of a checkpoint's ``state`` on; return stage 2's samples."""
+        start = PHASES.index(state["stage"]) if state else 0
+        if start == 0:
+            self.train_stage1(state, checkpoint)
+        if start <= 1 and self.settings.stage1_refine.steps:
+            self.train_stage1(state, checkpoint, refine=True)
+        return self.train_stage2(state, checkpoint)
+
+    def train_stage1(self, state: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
+                     refine: bool = False) -> None:
+        """Optimise the U-net (patches of the working grid, BCE + soft Dice, ignore regions masked) with the
+        ``stage1`` schedule, or, with ``refine``, go on from its result with the ``stage1_refine`` one."""
         s = self.settings
         size = -(-s.patch1 // self.model.stage1.divisor) * self.model.stage1.divisor
         aug = (stage1_augmentation(self.model.config.stage1.spacing_mm, s.thick_slices, s.scanner_augmentation,
@@ -596,7 +620,8 @@ class Trainer:
             return [torch.from_numpy(np.stack([it[i] for it in items]))[:, None] for i in range(3)]
 
         loss = functools.partial(_loss_stage1, focal_gamma=s.stage1_focal_gamma)
-        self._optimise("stage1", self.model.stage1, batch, loss, s.stage1, 0.65, state, checkpoint)
+        phase, schedule = ("stage1_refine", s.stage1_refine) if refine else ("stage1", s.stage1)
+        self._optimise(phase, self.model.stage1, batch, loss, schedule, state, checkpoint)
 
     def train_stage2(self, state: dict | None = None,
                      checkpoint: Callable[[dict], None] | None = None) -> Stage2Samples:
@@ -630,8 +655,8 @@ class Trainer:
                 patches.append(np.stack(scales))
             return torch.from_numpy(np.stack(patches)), torch.from_numpy(samples.labels[idx].astype(np.float32))
 
-        self._optimise("stage2", self.model.stage2, batch, F.binary_cross_entropy_with_logits, s.stage2, 0.95,
-                       state, checkpoint)
+        self._optimise("stage2", self.model.stage2, batch, F.binary_cross_entropy_with_logits, s.stage2, state,
+                       checkpoint)
         return samples
 
     def choose_threshold(self) -> float | None:
@@ -712,8 +737,7 @@ def train_model(cases: Sequence[TrainingCase], model: NoduleModel, settings: Tra
                               for c in cases],
                       [prepare_case(c, model) for c in val_cases],
                       settings, hook=hook)
-    trainer.train_stage1()
-    trainer.train_stage2()
+    trainer.train()
     trainer.choose_threshold()
     return model
 

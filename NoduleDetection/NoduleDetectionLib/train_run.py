@@ -10,6 +10,8 @@
       "train": [SOURCE, ...],
       "validation": [SOURCE, ...],
       "stage1": {"steps": 1500, "batch": 4, "lr": 0.003},
+      "stage1_refine": {"steps": 0},       # a second stage 1 phase from the first one's result, e.g. at a
+                                           # constant learning rate with its weights averaged
       "stage2": {"steps": 600, "batch": 32, "lr": 0.001},  # also "constant_lr": false, "average_from": 0
       "patch1": 48, "validate_every": 250, "patience": 4,
       "time_budget_minutes": 110, "target_fp_per_scan": 0.5,
@@ -25,8 +27,17 @@
       "dot_negative_fraction": 0,          # stage 1: share of non-lesion patches centred on bright compact spots
       "random_convolution": 0,             # stage 1: share of patches given another texture by a random network
       "stage2_random_convolution": 0,      # stage 2: the same
-      "stage1_focal_gamma": 0              # stage 1: focal loss exponent (0: plain cross-entropy)
+      "stage1_focal_gamma": 0,             # stage 1: focal loss exponent (0: plain cross-entropy)
+      "calibration": null                  # or {"lesions": {"path": ..., "scans": [...], "lesions": 200,
+                                           #     "per_copy": 25, "seed": 2000}, "blob_candidates": 100, ...}
     }
+
+With a ``calibration`` section the run ends as ``make-lesion-dataset`` and ``calibrate`` would: it inserts the
+lesion set (``make_lesion_dataset``'s arguments; a validation set, seed 1000 or more) into
+``OUTDIR/calibration_lesions`` and calibrates the trained model on it with the section's other keys
+(``calibrate.calibrate``'s options of those names, e.g. ``"candidate_thresholds": [0.05]``, ``"dot_weights"`` for
+the shape weights, ``"stage1_spacing_mm"``, ``"stage1_bf16"``; the run's ``target_fp_per_scan``), so that one
+``train`` command makes the model that ships.
 
 A ``SOURCE`` is ``{"path": folder, "scans": [names] | null, "slice_mm": null, "insert": null |
 {"lesions_per_scan": 20, "copies": 4, "seed": 1, "mix": {...}, "distractors": 0}}`` (a LUNA16 folder, a folder
@@ -51,7 +62,9 @@ lesion shape is ever seen in training.
 
 Outputs in OUTDIR: ``model.safetensors``, ``model_card.md``, ``train_log.jsonl`` (one JSON object per
 step: stage, step, steps, loss, val_cpm, elapsed_s), ``training_curves.png``, ``checkpoint.pt`` (resume
-state, loaded with ``torch.load(weights_only=True)``), ``config.json`` (the config used).
+state, loaded with ``torch.load(weights_only=True)``), ``config.json`` (the config used); with a ``calibration``
+section also ``trained_model.safetensors`` (before calibration), ``calibration_lesions/`` and ``calibration/``
+(``calibration.json``, ``calibration.md``), and ``model.safetensors`` is the calibrated model.
 """
 
 from __future__ import annotations
@@ -70,14 +83,26 @@ import torch
 from . import __version__
 from .atomic import atomic_path, write_text_atomic
 from .augment import thicken_volume
+from .calibrate import calibrate, check_options
 from .datasets import Dataset
 from .detect import resolve_device
 from .errors import InputError, NoduleDetectionError
 from .io import read_ct
+from .lesion_dataset import make_lesion_dataset
 from .lesions import LesionMix, avoid_radius_mm, insert_distractors, insert_lesions, sample_lesion_specs
 from .models import ModelConfig, NoduleModel
+from .pipeline import progress_bar
 from .preprocess import lung_mask
-from .train import PreparedCase, StageSchedule, Trainer, TrainingCase, TrainSettings, phantom_cases, prepare_case
+from .train import (
+    PHASES,
+    PreparedCase,
+    StageSchedule,
+    Trainer,
+    TrainingCase,
+    TrainSettings,
+    phantom_cases,
+    prepare_case,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +118,13 @@ VALIDATION_SEED_BASE = 1000
 #: The keys a config may have: ``TrainSettings``' fields under their own names (its time budget in minutes), and
 #: the model and data sections. Anything else is a typo that would otherwise be ignored without a word.
 CONFIG_KEYS = frozenset(TrainSettings.__dataclass_fields__) - {"time_budget_s"} | {
-    "time_budget_minutes", "init_model", "init_stages", "model", "train", "validation"}
+    "time_budget_minutes", "init_model", "init_stages", "model", "train", "validation", "calibration"}
+#: The keys of the ``calibration`` section: its lesion set, and the options of ``calibrate.calibrate`` it pins
+#: (``fp_per_scan`` is the run's ``target_fp_per_scan``).
+CALIBRATION_KEYS = frozenset({"lesions", "candidate_thresholds", "weights", "temperatures", "dot_weights",
+                              "blob_candidates", "stage1_spacing_mm", "stage1_bf16", "spare_large"})
+#: The keys of the calibration lesion set (``lesion_dataset.make_lesion_dataset``'s arguments).
+CALIBRATION_LESION_KEYS = frozenset({"path", "scans", "lesions", "per_copy", "seed"})
 #: The keys of a data source and of its ``insert`` entry.
 SOURCE_KEYS = frozenset({"path", "scans", "slice_mm", "insert", "phantoms", "seed", "phantom_options"})
 INSERT_KEYS = frozenset({"lesions_per_scan", "copies", "seed", "mix", "distractors"})
@@ -159,7 +190,7 @@ def load_config(path: str | os.PathLike) -> dict:
         texture = config.get(key, 0)
         if not (_is_number(texture) and 0 <= texture <= 1):
             raise InputError(f"{key} must be a share from 0 to 1, got {texture!r}")
-    for stage in STAGES:
+    for stage in PHASES:  # the optimisation schedules, ``StageSchedule`` fields each
         schedule = config.get(stage) or {}
         _check_keys(schedule, frozenset(StageSchedule.__dataclass_fields__), stage)
         start = schedule.get("average_from", 0)
@@ -172,7 +203,40 @@ def load_config(path: str | os.PathLike) -> dict:
         raise InputError(f"init_stages must be a list of {' and '.join(STAGES)}, got {stages!r}")
     if config.get("init_model") and not Path(config["init_model"]).is_absolute():
         config["init_model"] = str((base / config["init_model"]).resolve())
+    if config.get("calibration") is not None:
+        _check_calibration(config["calibration"], base, float(config.get("target_fp_per_scan", 0.5)))
     return config
+
+
+def _check_calibration(section: object, base: Path, fp_per_scan: float) -> None:
+    """Check a config's ``calibration`` section (its lesion set's path made absolute from ``base``)."""
+    if not isinstance(section, dict) or not isinstance(section.get("lesions"), dict):
+        raise InputError('calibration must be an object with a lesion set, {"lesions": {"path": ..., "seed": 2000}}')
+    _check_keys(section, CALIBRATION_KEYS, "the calibration section")
+    lesions = section["lesions"]
+    _check_keys(lesions, CALIBRATION_LESION_KEYS, "the calibration lesion set")
+    if not isinstance(lesions.get("path"), str):
+        raise InputError("the calibration lesion set needs the 'path' of its host scans")
+    if not Path(lesions["path"]).is_absolute():
+        lesions["path"] = str((base / lesions["path"]).resolve())
+    seed = lesions.get("seed", VALIDATION_SEED_BASE)
+    if not isinstance(seed, int) or seed < VALIDATION_SEED_BASE:
+        raise InputError(f"the calibration lesion set's seed must be {VALIDATION_SEED_BASE} or more (its lesions "
+                         f"are validation lesions), got {seed!r}")
+    for key in ("lesions", "per_copy"):
+        value = lesions.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"the calibration lesion set's {key} must be a whole number above 0, got {value!r}")
+    options = {k: v for k, v in section.items() if k not in ("lesions", "stage1_bf16", "spare_large")}
+    try:
+        check_options(**options, fp_per_scan=fp_per_scan)
+    except InputError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"the calibration section's options are not numbers or lists of numbers ({exc})") from None
+    for key in ("stage1_bf16", "spare_large"):
+        if not isinstance(section.get(key, False), bool):
+            raise InputError(f"calibration.{key} must be true or false, got {section[key]!r}")
 
 
 def settings_from_config(config: dict) -> TrainSettings:
@@ -181,6 +245,7 @@ def settings_from_config(config: dict) -> TrainSettings:
     budget = config.get("time_budget_minutes")
     return TrainSettings(
         stage1=StageSchedule(**{**asdict(d.stage1), **config.get("stage1", {})}),
+        stage1_refine=StageSchedule(**{**asdict(d.stage1_refine), **config.get("stage1_refine", {})}),
         stage2=StageSchedule(**{**asdict(d.stage2), **config.get("stage2", {})}),
         patch1=int(config.get("patch1", d.patch1)),
         positive_fraction=float(config.get("positive_fraction", d.positive_fraction)),
@@ -277,6 +342,9 @@ class RunFiles:
         self.card = outdir / "model_card.md"
         self.curves = outdir / "training_curves.png"
         self.config = outdir / "config.json"
+        self.trained = outdir / "trained_model.safetensors"  # before calibration, when the config calibrates
+        self.calibration_lesions = outdir / "calibration_lesions"
+        self.calibration = outdir / "calibration"
 
     def append_log(self, record: dict) -> None:
         if self.active:
@@ -387,12 +455,7 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
         trainer_state["elapsed_s"] = elapsed0 + time.perf_counter() - t0
         files.save_checkpoint(model, trainer_state)
 
-    resume_stage = state["trainer"]["stage"] if state else "stage1"
-    trainer_state = state["trainer"] if state else None
-    if resume_stage == "stage1":
-        trainer.train_stage1(trainer_state, checkpoint)
-        trainer_state = None
-    samples = trainer.train_stage2(trainer_state, checkpoint)
+    samples = trainer.train(state["trainer"] if state else None, checkpoint)
     threshold = trainer.choose_threshold()
     final_cpm = trainer.weight_cpm.get(model.config.stage2.weight)
     for bar in bars.values():
@@ -430,6 +493,15 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
             "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated(dev) / 2**20),
         })
     if files.active:
+        if config.get("calibration"):
+            model.save(files.trained, overwrite=True)
+            t1 = time.perf_counter()
+            model = calibrate_run(config["calibration"], files, settings.target_fp_per_scan, str(dev),
+                                  show_progress)
+            model.config.card["calibration_seconds"] = round(time.perf_counter() - t1, 1)
+            files.append_log({"stage": "calibration", "step": 0, "steps": 0, "loss": None, "val_cpm": None,
+                              "calibration_cpm": model.config.card["calibration"]["chosen"]["cpm"],
+                              "elapsed_s": round(elapsed0 + time.perf_counter() - t0, 1)})
         model.save(files.model, overwrite=True)
         write_text_atomic(files.card, model_card_markdown(model.config.card), overwrite=True)
         plot_log(files.log, files.curves)
@@ -437,6 +509,22 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return files.model
+
+
+def calibrate_run(section: dict, files: RunFiles, fp_per_scan: float, device: str = "auto",
+                  show_progress: bool = False) -> NoduleModel:
+    """Insert the ``calibration`` section's lesion set (``make_lesion_dataset``) and calibrate the run's trained
+    model on it with the section's options (``calibrate``); return the calibrated model."""
+    lesions = section["lesions"]
+    with progress_bar("calibration lesions", disable=not show_progress) as progress:
+        make_lesion_dataset(lesions["path"], files.calibration_lesions, scans=lesions.get("scans"),
+                            lesions=lesions.get("lesions", 200), per_copy=lesions.get("per_copy", 25),
+                            seed=lesions.get("seed", VALIDATION_SEED_BASE), overwrite=True, progress=progress)
+    options = {k: v for k, v in section.items() if k != "lesions"}
+    with progress_bar("calibrating", disable=not show_progress) as progress:
+        paths = calibrate(files.calibration_lesions, files.calibration, model=files.trained, fp_per_scan=fp_per_scan,
+                          device=device, overwrite=True, progress=progress, **options)
+    return NoduleModel.load(paths["model"])
 
 
 def model_from_config(config: dict, seed: int) -> NoduleModel:
@@ -452,6 +540,10 @@ def model_card_markdown(card: dict) -> str:
     for key, value in card.items():
         if key in ("config", "format"):
             continue
+        if key == "calibration":  # its whole grid is in calibration.json
+            chosen = value["chosen"]
+            value = (f"CPM {chosen['cpm']:.3f} on the {value['nodules']} lesions of {value['dataset']}; chosen: "
+                     + ", ".join(f"{k} {v}" for k, v in chosen.items() if k != "cpm"))
         lines.append(f"- **{key.replace('_', ' ')}**: {value}")
     lines += ["", "## Training config", "", "```json", json.dumps(card.get("config", {}), indent=2), "```", ""]
     return "\n".join(lines)
@@ -464,7 +556,8 @@ def plot_log(log_path: Path, png_path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    records, refine_from = _refinement_as_stage1([json.loads(line) for line in log_path.read_text().splitlines()
+                                                  if line.strip()])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, stage in zip(axes, ("stage1", "stage2")):
         steps = [r["step"] for r in records if r["stage"] == stage]
@@ -484,6 +577,8 @@ def plot_log(log_path: Path, png_path: Path) -> Path:
             ax2.plot(*zip(*vals), "o-", color="C3", label="validation CPM")
             ax2.set_ylim(0, 1)
             ax2.set_ylabel("validation CPM", color="C3")
+        if stage == "stage1" and refine_from is not None:
+            ax.axvline(refine_from + 0.5, color="0.4", ls="--", lw=1, label="refinement from here")
         if loss:
             ax.legend(loc="upper right", fontsize=8)
         else:  # e.g. a stage kept from the init model
@@ -493,6 +588,23 @@ def plot_log(log_path: Path, png_path: Path) -> Path:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return png_path
+
+
+def _refinement_as_stage1(records: list[dict]) -> tuple[list[dict], int | None]:
+    """The log with stage 1's refinement (and its validations) as stage 1 records whose steps go on from stage 1's
+    last one, and that step (``None`` without a refinement)."""
+    out, last1, refine_from, phase = [], 0, None, "stage1"
+    for r in records:
+        if r["stage"] in PHASES:
+            phase = r["stage"]
+        if r["stage"] == "stage1":
+            last1 = r["step"]
+        if phase == "stage1_refine" and r["stage"] in ("stage1_refine", "validation"):
+            refine_from = last1
+            r = {**r, "stage": "stage1" if r["stage"] == "stage1_refine" else "validation",
+                 "step": r["step"] + last1}
+        out.append(r)
+    return out, refine_from
 
 
 def _stage_of_validation(records: list[dict], index: int) -> str:

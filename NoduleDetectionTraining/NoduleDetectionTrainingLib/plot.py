@@ -8,8 +8,9 @@ Nodes (made once per scene, found again by name, so a second training reuses the
 * chart ``<title>`` (``vtkMRMLPlotChartNode``) showing both; Slicer shows it with
   ``slicer.modules.plots.logic().ShowChartInLayout(chart)``.
 
-``iteration`` runs on across the stages: stage 1 step ``s`` is ``s``, stage 2 step ``s`` is
-``stage-1 steps + s``; a validation record is placed at the iteration of the last training record before it.
+``iteration`` runs on across the phases: stage 1 step ``s`` is ``s``, a step of stage 1's refinement (a config's
+``stage1_refine``) or of stage 2 is ``s`` plus the steps of the phases before it; a validation record is placed at
+the iteration of the last training record before it.
 
 MRML only (no Qt, no ``slicer.util``): tested with slicer-core.
 """
@@ -22,6 +23,8 @@ from typing import Any, Iterable
 import slicer
 import vtk
 
+#: The training phases in their order (``NoduleDetectionLib.train.PHASES``, not imported: it needs PyTorch).
+_PHASES = ("stage1", "stage1_refine", "stage2")
 _LOSS_COLUMNS = (("iteration", vtk.vtkDoubleArray), ("loss", vtk.vtkDoubleArray), ("stage", vtk.vtkStringArray))
 _VALIDATION_COLUMNS = (("iteration", vtk.vtkDoubleArray), ("val_cpm", vtk.vtkDoubleArray))
 
@@ -78,7 +81,7 @@ class TrainingPlot:
         """Empty both tables (a new training starts)."""
         _reset_table(self.loss_table, _LOSS_COLUMNS)
         _reset_table(self.validation_table, _VALIDATION_COLUMNS)
-        self._stage1_steps = 0
+        self._phase_steps: dict[str, int] = {}
         self._iteration = 0.0
 
     def add_records(self, records: Iterable[dict]) -> int:
@@ -88,11 +91,11 @@ class TrainingPlot:
         loss_table, validation_table = self.loss_table.GetTable(), self.validation_table.GetTable()
         for record in records:
             stage = record.get("stage")
-            if stage in ("stage1", "stage2"):
+            if stage in _PHASES:
                 step = float(record.get("step", 0))
-                if stage == "stage1":
-                    self._stage1_steps = max(self._stage1_steps, int(record.get("steps") or step))
-                self._iteration = step if stage == "stage1" else self._stage1_steps + step
+                self._phase_steps[stage] = max(self._phase_steps.get(stage, 0), int(record.get("steps") or step))
+                before = _PHASES[:_PHASES.index(stage)]
+                self._iteration = sum(self._phase_steps.get(p, 0) for p in before) + step
                 loss = record.get("loss")
                 if isinstance(loss, (int, float)) and math.isfinite(loss):
                     loss_table.GetColumnByName("iteration").InsertNextValue(self._iteration)
