@@ -23,7 +23,7 @@ in stage 1 only). ``graft`` puts a variant's stage 1 in front of another model's
         Resources/Models/nodule_detector.safetensors J.safetensors
     nodule-detection calibrate valdata2000 -o cal_J --model J.safetensors
 
-The figures are in ``Resources/Models/MODEL_CARD.md`` ("Session 6", "Session 8", "Session 9", "Session 10").
+The figures are in ``Resources/Models/EXPERIMENTS.md`` ("Session 6", "Session 8", "Session 9", "Session 10").
 """
 
 from __future__ import annotations

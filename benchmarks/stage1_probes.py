@@ -12,7 +12,7 @@ the score temperatures and prints the CPM of each; nothing is written::
     .venv/bin/python benchmarks/stage1_probes.py ensemble valdata2000 --with shallow/model.safetensors
     .venv/bin/python benchmarks/stage1_probes.py grids valdata2000 --also 1.0
 
-Figures: model card, "Session 17".
+Figures: ``Resources/Models/EXPERIMENTS.md``, "Session 17".
 """
 
 from __future__ import annotations

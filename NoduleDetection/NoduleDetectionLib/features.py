@@ -1,12 +1,13 @@
 """A candidate's measured features, and the small linear model over them that rates it beside stage 2's CNN.
 
 Stage 2's CNN learnt the host scans it was trained on, and ranks the other hosts' vessel branch points and dots
-above small nodules (model card, sessions 8-11). The features here are measured, not learnt, so they mean the same
-in every scan: what stage 1 and stage 2 said, the region's size and mean intensity, the Hessian's shape at its
-centre (a ball, a tube or a plate), and what surrounds it: sampled on two spheres around the centre, how much of
-each is dense tissue, how often two opposite directions both are (a vessel runs through), and how much lies
-outside the lungs (the pleura). A logistic model over them (``FeatureModel``; ``fit``) is fitted on training
-scans' candidates; ``calibrate`` chooses how much it weighs in a finding's probability (``detect.feature_prior``).
+above small nodules (``Resources/Models/EXPERIMENTS.md``, sessions 8-11). The features here are measured, not
+learnt, so they mean the same in every scan: what stage 1 and stage 2 said, the region's size and mean intensity,
+the Hessian's shape at its centre (a ball, a tube or a plate), and what surrounds it: sampled on two spheres around
+the centre, how much of each is dense tissue, how often two opposite directions both are (a vessel runs through),
+and how much lies outside the lungs (the pleura). A logistic model over them (``FeatureModel``; ``fit``) is fitted
+on training scans' candidates; ``calibrate`` chooses how much it weighs in a finding's probability
+(``detect.feature_prior``).
 
 All measurements are on the working grid ``[k, j, i]`` of ``preprocess.prepare`` (normalised intensities, LPS
 geometry), in mm where they have a unit.

@@ -655,7 +655,8 @@ def insert_distractors(
     """Insert ``n`` vessel-like tubes (``DISTRACTOR_*`` ranges; bent, tapering, often branching) into the aerated
     lung, imaged like inserted lesions (same partial-volume, blur and noise model) but with no label: training
     negatives meant to stop a network trained on few hosts from learning "anything this host lacks is a lesion"
-    (measured in the model card, session 9: they made stage 1 miss more small lesions on other hosts).
+    (measured in ``Resources/Models/EXPERIMENTS.md``, session 9: they made stage 1 miss more small lesions on
+    other hosts).
 
     Args:
         volume: host CT (HU, ``[k, j, i]``).
