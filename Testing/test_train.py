@@ -250,7 +250,7 @@ def test_a_run_can_end_calibrated(tmp_path, host_folder):
         mine, theirs = getattr(model, net).state_dict(), getattr(trained, net).state_dict()
         assert all(torch.equal(mine[k], theirs[k]) for k in mine), net
     assert model.config.card["calibration"]["chosen"]["cpm"] == record["chosen"]["cpm"]
-    assert "calibration**: CPM" in (run / "model_card.md").read_text()
+    assert "**calibration** (the model's operating point" in (run / "model_card.md").read_text()
     records = _log(run)
     assert [r["stage"] for r in records[-2:]] == ["done", "calibration"]
     assert records[-1]["calibration_cpm"] == record["chosen"]["cpm"] and records[-1]["val_cpm"] is None

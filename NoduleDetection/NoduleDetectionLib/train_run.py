@@ -538,13 +538,13 @@ def model_card_markdown(card: dict) -> str:
     lines = ["# NoduleDetection model card", "",
              "Research software, **not a medical device**. Trained **without LUNA16** (not reachable here).", ""]
     for key, value in card.items():
-        if key in ("config", "format"):
-            continue
-        if key == "calibration":  # its whole grid is in calibration.json
-            chosen = value["chosen"]
-            value = (f"CPM {chosen['cpm']:.3f} on the {value['nodules']} lesions of {value['dataset']}; chosen: "
-                     + ", ".join(f"{k} {v}" for k, v in chosen.items() if k != "cpm"))
-        lines.append(f"- **{key.replace('_', ' ')}**: {value}")
+        if key not in ("config", "format", "calibration"):
+            lines.append(f"- **{key.replace('_', ' ')}**: {value}")
+    if "calibration" in card:  # its whole grid is in calibration.json
+        record, chosen = card["calibration"], card["calibration"]["chosen"]
+        lines.append(f"- **calibration** (the model's operating point, in place of the stage 2 weight and threshold "
+                     f"chosen in training): CPM {chosen['cpm']:.3f} on the {record['nodules']} lesions of "
+                     f"{record['dataset']}; " + ", ".join(f"{k} {v}" for k, v in chosen.items() if k != "cpm"))
     lines += ["", "## Training config", "", "```json", json.dumps(card.get("config", {}), indent=2), "```", ""]
     return "\n".join(lines)
 
