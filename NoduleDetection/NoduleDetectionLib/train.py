@@ -147,8 +147,9 @@ class TrainSettings:
         patch1: stage 1 patch edge in working-grid voxels.
         validate_every: steps between validations (0: validate only at the end of each stage).
         patience: validations without improvement before a stage stops early.
-        time_budget_s: wall-clock budget of the whole run (``None``: unlimited); each phase stops when its share
-            of it is spent (``PHASE_BUDGET_SHARES``: stage 1 65 %, its refinement 75 %, stage 2 95 %).
+        time_budget_s: wall-clock budget of the training (``None``: unlimited); each phase stops when its share
+            of it is spent (``PHASE_BUDGET_SHARES``: stage 1 65 %, its refinement 75 %, stage 2 95 %). A config's
+            ``calibration`` runs after it, outside the budget.
         target_fp_per_scan: the default threshold is the lowest probability whose validation false
             positives per scan stay at or below this.
         balance_lesions: stage 1 draws lesion patches per lesion (not per lesion voxel) and weights the voxels of

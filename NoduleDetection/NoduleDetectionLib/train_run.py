@@ -592,7 +592,8 @@ def plot_log(log_path: Path, png_path: Path) -> Path:
 
 def _refinement_as_stage1(records: list[dict]) -> tuple[list[dict], int | None]:
     """The log with stage 1's refinement (and its validations) as stage 1 records whose steps go on from stage 1's
-    last one, and that step (``None`` without a refinement)."""
+    last one, and that step (``None`` without a refinement). The refinement starts from stage 1's best validated
+    weights, which may be from before its last step."""
     out, last1, refine_from, phase = [], 0, None, "stage1"
     for r in records:
         if r["stage"] in PHASES:
