@@ -577,6 +577,7 @@ class Trainer:
         """Optimise the U-net (patches of the working grid, BCE + soft Dice, ignore regions masked) with the
         ``stage1`` schedule, or, with ``refine``, go on from its result with the ``stage1_refine`` one."""
         s = self.settings
+        phase, schedule = ("stage1_refine", s.stage1_refine) if refine else ("stage1", s.stage1)
         size = -(-s.patch1 // self.model.stage1.divisor) * self.model.stage1.divisor
         aug = (stage1_augmentation(self.model.config.stage1.spacing_mm, s.thick_slices, s.scanner_augmentation,
                                    s.elastic_mm, s.random_convolution) if s.augment else None)
@@ -617,11 +618,10 @@ class Trainer:
             return [np.ascontiguousarray(a, dtype=np.float32) for a in (img, tgt, w)]
 
         def batch(rng: np.random.Generator):
-            items = [one(rng) for _ in range(s.stage1.batch)]
+            items = [one(rng) for _ in range(schedule.batch)]
             return [torch.from_numpy(np.stack([it[i] for it in items]))[:, None] for i in range(3)]
 
         loss = functools.partial(_loss_stage1, focal_gamma=s.stage1_focal_gamma)
-        phase, schedule = ("stage1_refine", s.stage1_refine) if refine else ("stage1", s.stage1)
         self._optimise(phase, self.model.stage1, batch, loss, schedule, state, checkpoint)
 
     def train_stage2(self, state: dict | None = None,

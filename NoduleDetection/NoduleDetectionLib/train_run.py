@@ -515,11 +515,10 @@ def calibrate_run(section: dict, files: RunFiles, fp_per_scan: float, device: st
                   show_progress: bool = False) -> NoduleModel:
     """Insert the ``calibration`` section's lesion set (``make_lesion_dataset``) and calibrate the run's trained
     model on it with the section's options (``calibrate``); return the calibrated model."""
-    lesions = section["lesions"]
+    lesions = dict(section["lesions"])  # make_lesion_dataset's arguments; what it omits keeps their defaults
     with progress_bar("calibration lesions", disable=not show_progress) as progress:
-        make_lesion_dataset(lesions["path"], files.calibration_lesions, scans=lesions.get("scans"),
-                            lesions=lesions.get("lesions", 200), per_copy=lesions.get("per_copy", 25),
-                            seed=lesions.get("seed", VALIDATION_SEED_BASE), overwrite=True, progress=progress)
+        make_lesion_dataset(lesions.pop("path"), files.calibration_lesions, overwrite=True, progress=progress,
+                            **lesions)
     options = {k: v for k, v in section.items() if k != "lesions"}
     with progress_bar("calibrating", disable=not show_progress) as progress:
         paths = calibrate(files.calibration_lesions, files.calibration, model=files.trained, fp_per_scan=fp_per_scan,
