@@ -155,6 +155,37 @@ def test_stage1_score_by_logit_through_a_temperature(tiny_model_path):
     assert [c.score for c in cands_t] == sorted((c.score for c in cands_t), reverse=True)
 
 
+def test_stage1_can_see_the_lungs_only(tiny_model_path):
+    """With ``outside_lung_hu`` the U-net's maps are those of the image with everything outside the lung mask set to
+    that HU: what lies outside the mask no longer changes them; the lung mask is then required."""
+    import copy
+
+    from NoduleDetectionLib.errors import ModelError
+    from NoduleDetectionLib.models import Stage1Config
+    from NoduleDetectionLib.preprocess import lungs_only, prepare
+
+    plain = Detector.load(tiny_model_path, device="cpu")
+    model = copy.deepcopy(plain.model)
+    model.config.stage1.outside_lung_hu = 40.0
+    lungs = Detector(model, device="cpu")
+    ph = make_phantom(np.random.default_rng(5), n_nodules=2, diameters_mm=(8.0, 12.0))
+    prep = prepare(ph.volume, plain.config.stage1.spacing_mm, plain.config.hu_window)
+    assert 0 < prep.lung.sum() < prep.lung.size
+    prob, logit = lungs.stage1_maps(prep.image, prep.lung, logits=True)
+    expected, expected_logit = plain.stage1_maps(lungs_only(prep.image, prep.lung, 40.0, plain.config.hu_window),
+                                                 prep.lung, logits=True)
+    np.testing.assert_array_equal(prob, expected)
+    np.testing.assert_array_equal(logit, expected_logit)
+    assert not np.array_equal(prob, plain.stage1_maps(prep.image, prep.lung)[0])
+    changed = np.where(prep.lung, prep.image, 1.0 - prep.image)  # everything outside the lungs inverted
+    np.testing.assert_array_equal(lungs.stage1_maps(changed, prep.lung)[0], prob)
+    with pytest.raises(ValueError, match="lung mask"):
+        lungs.stage1_maps(prep.image)
+    for bad in ("water", True, 5000.0):
+        with pytest.raises(ModelError, match="outside_lung_hu"):
+            Stage1Config(outside_lung_hu=bad)
+
+
 def test_stage2_test_time_flips(tiny_model_path, phantom):
     """With ``stage2.tta`` a candidate's stage 2 probability is sigmoid of the mean logit over its patches flipped
     along every combination of the three axes; without it, one pass."""

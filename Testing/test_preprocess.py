@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.io import read_ct
-from NoduleDetectionLib.preprocess import bounding_box, lung_mask, normalize_hu, resample, sample_patches
+from NoduleDetectionLib.preprocess import (
+    bounding_box,
+    lung_mask,
+    lungs_only,
+    normalize_hu,
+    resample,
+    sample_patches,
+)
 from NoduleDetectionLib.synthetic import make_phantom
 
 
@@ -83,3 +90,16 @@ def test_bounding_box_and_normalisation():
     box = bounding_box(mask, Geometry((1.0, 1.0, 2.0), (0, 0, 0)), margin_mm=2.0)
     assert box == (slice(2, 6), slice(4, 11), slice(8, 22))
     assert normalize_hu(np.array([-3000, -1000, 400, 2000])).tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_lungs_only_fills_outside_the_lung():
+    rng = np.random.default_rng(0)
+    image = rng.random((6, 7, 8)).astype(np.float32)
+    lung = rng.random(image.shape) > 0.5
+    masked = lungs_only(image, lung, 0.0, (-1000.0, 400.0))
+    assert masked.dtype == np.float32 and masked.shape == image.shape
+    np.testing.assert_array_equal(masked[lung], image[lung])
+    np.testing.assert_allclose(masked[~lung], 1000.0 / 1400.0)  # water on the [-1000, 400] HU window
+    assert lungs_only(image, lung, None) is image
+    with pytest.raises(ValueError, match="shape"):
+        lungs_only(image, lung[:-1], 0.0)

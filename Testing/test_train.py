@@ -13,7 +13,7 @@ import torch
 from NoduleDetectionLib.calibrate import STAGE_WEIGHTS, choose_threshold
 from NoduleDetectionLib.datasets import Finding
 from NoduleDetectionLib.detect import Detector
-from NoduleDetectionLib.errors import InputError
+from NoduleDetectionLib.errors import InputError, ModelError
 from NoduleDetectionLib.evaluate import Candidate
 from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.models import ModelConfig, NoduleModel, Stage1Config, Stage2Config
@@ -371,7 +371,8 @@ def test_fine_tuning_can_keep_stage1_and_train_stage2_afresh(tmp_path):
     proposals the config asks for."""
     init = run_training(_write(tmp_path, SHORT), tmp_path / "init", device="cpu")
     config = dict(SHORT, init_model=str(init), init_stages=["stage1"], stage1={"steps": 0}, stage2={"steps": 0},
-                  tissue_negatives=30, stage2_rotate=True, model={"stage1": {"blob_candidates": 7, "channels": [2]}})
+                  tissue_negatives=30, stage2_rotate=True,
+                  model={"stage1": {"blob_candidates": 7, "outside_lung_hu": 40, "channels": [2]}})
     settings = settings_from_config(config)
     assert (settings.tissue_negatives, settings.stage2_rotate) == (30, True)
     model = NoduleModel.load(run_training(_write(tmp_path, config), tmp_path / "tuned", device="cpu"))
@@ -381,9 +382,12 @@ def test_fine_tuning_can_keep_stage1_and_train_stage2_afresh(tmp_path):
     for key, value in before.state_tensors().items():
         assert torch.equal(after[key], value if key.startswith("stage1.") else fresh[key]), key
     assert not any(r["stage"] in ("stage1", "stage2") for r in _log(tmp_path / "tuned"))
-    # of the config's model section, a fine-tune takes the proposal settings only, never the architecture
-    assert model.config.stage1.blob_candidates == 7
+    # of the config's model section, a fine-tune takes the proposal and input settings only, never the architecture
+    assert (model.config.stage1.blob_candidates, model.config.stage1.outside_lung_hu) == (7, 40)
     assert model.config.stage1.channels == before.config.stage1.channels
+    config["model"] = {"stage1": {"outside_lung_hu": "water"}}
+    with pytest.raises(ModelError, match="outside_lung_hu"):
+        run_training(_write(tmp_path, config), tmp_path / "bad", device="cpu")
 
 
 def test_mining_adds_blob_proposals_as_stage2_samples():
@@ -637,3 +641,34 @@ def test_stage1_negative_patches_can_centre_on_bright_compact_spots(monkeypatch)
     assert len(centres) == 6
     assert all(np.abs(centre - dots[-1]).max() <= 24 // 4 for centre in centres)
     assert settings_from_config(dict(SHORT, dot_negative_fraction=0.25)).dot_negative_fraction == 0.25
+
+
+def test_stage1_can_be_trained_on_the_lungs_only(monkeypatch):
+    """With ``outside_lung_hu`` a prepared case's ``stage1_image`` is its image with everything outside the lung mask
+    set to that HU, and stage 1's training patches are cut from it; without it, it is the image itself."""
+    from NoduleDetectionLib import train as train_module
+    from NoduleDetectionLib.preprocess import normalize_hu
+
+    case = phantom_cases(1, seed=3, shape=(32, 64, 80))[0]
+    plain = NoduleModel.build(ModelConfig(stage1=Stage1Config(spacing_mm=2.0, channels=(4, 8), tile=64)), seed=0)
+    unmasked = prepare_case(case, plain)
+    assert unmasked.stage1_image is unmasked.prep.image
+    model = NoduleModel.build(ModelConfig(stage1=Stage1Config(spacing_mm=2.0, channels=(4, 8), tile=64,
+                                                              outside_lung_hu=0.0)), seed=0)
+    prepared = prepare_case(case, model)
+    lung = prepared.prep.lung
+    assert 0 < lung.sum() < lung.size
+    np.testing.assert_array_equal(prepared.stage1_image[lung], prepared.prep.image[lung])
+    np.testing.assert_allclose(prepared.stage1_image[~lung], normalize_hu(np.float32(0.0)))
+    assert not np.array_equal(prepared.stage1_image, prepared.prep.image)
+
+    images, crop = [], train_module.crop_patches
+
+    def recording(arrays, centre, size):
+        images.append(arrays[0])
+        return crop(arrays, centre, size)
+
+    monkeypatch.setattr(train_module, "crop_patches", recording)
+    settings = TrainSettings(stage1=StageSchedule(steps=2, batch=2, lr=0.01), patch1=24)
+    Trainer(model, [prepared], [], settings).train_stage1()
+    assert len(images) == 4 and all(a is prepared.stage1_image for a in images)

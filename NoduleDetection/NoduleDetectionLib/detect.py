@@ -37,7 +37,7 @@ from .geometry import Geometry
 from .io import validate_ct
 from .masses import find_masses
 from .models import ModelConfig, NoduleModel
-from .preprocess import Prepared, crop_patches, normalize_hu, prepare, sample_patches
+from .preprocess import Prepared, crop_patches, lungs_only, normalize_hu, prepare, sample_patches
 from .regions import region_centroids, region_counts, region_max, region_sums
 from .registry import shipped_model_path
 from .volume import CTVolume
@@ -369,10 +369,16 @@ class Detector:
                     logits: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Stage 1 on a normalised working-grid image ``[k, j, i]`` → probability and mean logit ``float32 [k, j, i]``.
 
-        ``lung``: the image's lung mask (same shape), where ``bn_adapt`` measures the scan. Runs in overlapping box
+        ``lung``: the image's lung mask (same shape), where ``bn_adapt`` measures the scan, and outside which the
+        U-net sees ``outside_lung_hu`` when the model sets it (then ``lung`` is required). Runs in overlapping box
         tiles (``tile_layout``), averaged where they overlap. The logit map is made when ``logits`` is true
         (``None``: when the model scores candidates by logits, ``score_temperature``), else it is ``None``.
         """
+        fill = self.config.stage1.outside_lung_hu
+        if fill is not None:
+            if lung is None:
+                raise ValueError("this model's stage 1 sees the lungs only (outside_lung_hu): pass the lung mask")
+            image = lungs_only(image, lung, fill, self.config.hu_window)
         net = self.stage1_network(image, lung)
         if logits is None:
             logits = self.config.stage1.score_temperature is not None

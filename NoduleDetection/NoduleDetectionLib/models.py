@@ -55,6 +55,11 @@ class Stage1Config:
 
     ``bn_adapt``: the share of each scan's own batch-norm statistics in stage 1 (``detect.adapt_batch_norm``,
     AdaBN; 0: the trained statistics only, 1: the scan's only).
+
+    ``outside_lung_hu``: ``None``, the U-net sees the whole working grid; a number (HU), it sees the lungs only:
+    every voxel outside the lung mask (the lungs grown by 4 mm, ``preprocess.lung_mask``) is set to that value
+    first (``preprocess.lungs_only``), in training and detection alike, so that hosts' chest walls, mediastina and
+    abdomens look alike. The blob filter, the mass finder, the outlines and stage 2 still see the whole image.
     """
 
     spacing_mm: float = 1.5
@@ -67,6 +72,13 @@ class Stage1Config:
     dot_weight: float = 0.0
     cpu_bf16: bool = False
     bn_adapt: float = 0.0
+    outside_lung_hu: float | None = None
+
+    def __post_init__(self) -> None:
+        fill = self.outside_lung_hu
+        if fill is not None and (isinstance(fill, bool) or not isinstance(fill, (int, float))
+                                 or not -1024.0 <= fill <= 3071.0):
+            raise ModelError(f"stage 1 outside_lung_hu must be null or a number of HU (-1024 to 3071), got {fill!r}")
 
 
 @dataclass

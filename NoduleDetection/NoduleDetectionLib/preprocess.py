@@ -234,6 +234,18 @@ def normalize_hu(array: np.ndarray, hu_min: float = -1000.0, hu_max: float = 400
     return a
 
 
+def lungs_only(image: np.ndarray, lung: np.ndarray, fill_hu: float | None,
+               hu_window: tuple[float, float] = (-1000.0, 400.0)) -> np.ndarray:
+    """A normalised working-grid image ``[k, j, i]`` with every voxel outside ``lung`` (same shape) set to
+    ``fill_hu`` (HU, normalised by ``hu_window``); ``fill_hu`` ``None``: ``image`` itself, unchanged."""
+    if fill_hu is None:
+        return image
+    if lung.shape != image.shape:
+        raise ValueError(f"lung mask shape {lung.shape} differs from the image's {image.shape}")
+    fill = normalize_hu(np.float32(fill_hu), *hu_window)
+    return np.where(lung, image, fill).astype(np.float32, copy=False)
+
+
 @dataclass
 class Prepared:
     """A scan ready for stage 1: cropped to the lungs, resampled, normalised.

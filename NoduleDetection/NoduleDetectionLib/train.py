@@ -63,7 +63,7 @@ from .detect import Detector
 from .evaluate import evaluate
 from .features import DENSE_HU
 from .models import NoduleModel
-from .preprocess import Prepared, crop_patches, normalize_hu, prepare, resample, sample_patches
+from .preprocess import Prepared, crop_patches, lungs_only, normalize_hu, prepare, resample, sample_patches
 from .volume import CTVolume
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,9 @@ class TrainSettings:
 class PreparedCase:
     """A case on the working grid: ``target`` lesion mask, ``weight`` (0 inside ignore regions, ``lesion_weight``
     on lesion voxels, 1 elsewhere), ``centres``, the centres of the lesions inside that grid as ``[k, j, i]``
-    indices, and ``lesion_index``, the index of each of those lesions in ``case.lesions``."""
+    indices, ``lesion_index``, the index of each of those lesions in ``case.lesions``, and ``stage1_image``, what
+    the U-net sees of ``prep.image`` (``preprocess.lungs_only``; ``prep.image`` itself unless the model sets
+    ``outside_lung_hu``)."""
 
     case: TrainingCase
     prep: Prepared
@@ -219,6 +221,7 @@ class PreparedCase:
     weight: np.ndarray
     centres: np.ndarray
     lesion_index: np.ndarray
+    stage1_image: np.ndarray
 
     def draw_weights(self, small_attached_weight: float) -> np.ndarray:
         """Relative chance of drawing each of ``centres`` for a lesion patch: ``small_attached_weight`` for
@@ -290,7 +293,9 @@ def prepare_case(case: TrainingCase, model: NoduleModel, min_target_mm: float = 
     kji = np.round(prep.geometry.lps_to_index(np.array([c for c, _ in case.lesions], float).reshape(-1, 3)))
     kji = kji.reshape(-1, 3)[:, ::-1].astype(int)
     inside = np.all((kji >= 0) & (kji < np.array(prep.image.shape)), axis=1)
-    return PreparedCase(case, prep, target.astype(np.float32), weight, kji[inside], np.flatnonzero(inside))
+    stage1_image = lungs_only(prep.image, prep.lung, config.stage1.outside_lung_hu, config.hu_window)
+    return PreparedCase(case, prep, target.astype(np.float32), weight, kji[inside], np.flatnonzero(inside),
+                        stage1_image)
 
 
 def dot_negatives(case: PreparedCase, count: int = DOT_NEGATIVES_PER_CASE) -> np.ndarray:
@@ -608,7 +613,7 @@ class Trainer:
                 centre = lung_voxels[n][rng.integers(len(lung_voxels[n]))]
             else:
                 centre = rng.integers(0, c.prep.image.shape)
-            img, tgt, w = crop_patches([c.prep.image, c.target, c.weight], centre, size)
+            img, tgt, w = crop_patches([c.stage1_image, c.target, c.weight], centre, size)
             if not s.balance_lesions:
                 w = np.minimum(w, 1.0)
             if aug is not None:  # one label map carries all: 0 = background, 1 = ignored, k >= 2 = lesion of weight k-1

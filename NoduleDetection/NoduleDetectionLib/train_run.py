@@ -69,6 +69,7 @@ section also ``trained_model.safetensors`` (before calibration), ``calibration_l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -109,10 +110,11 @@ log = logging.getLogger(__name__)
 #: The two networks of a model, as named in ``init_stages``.
 STAGES = ("stage1", "stage2")
 #: Stage 1 settings of the config's ``model`` section that apply when fine-tuning too (they change what is
-#: proposed to stage 2 or the grid stage 1 works on, not the networks): e.g. a fine-tuned stage 2 learns to judge
-#: blob-filter proposals, and a stage 1 that ``calibrate`` set to a finer grid than it learnt on is fine-tuned on
-#: its own grid again (``spacing_mm``).
-FINE_TUNE_SETTINGS = ("blob_candidates", "spacing_mm")
+#: proposed to stage 2, the grid stage 1 works on or what it sees, not the networks' shapes): e.g. a fine-tuned
+#: stage 2 learns to judge blob-filter proposals, a stage 1 that ``calibrate`` set to a finer grid than it learnt
+#: on is fine-tuned on its own grid again (``spacing_mm``), and a stage 1 can learn to see the lungs only
+#: (``outside_lung_hu``).
+FINE_TUNE_SETTINGS = ("blob_candidates", "spacing_mm", "outside_lung_hu")
 #: Training insertion seeds must stay below this; validation lesion sets use seeds from it upwards.
 VALIDATION_SEED_BASE = 1000
 #: The keys a config may have: ``TrainSettings``' fields under their own names (its time budget in minutes), and
@@ -399,10 +401,9 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
     if config.get("init_model"):
         model = NoduleModel.load(config["init_model"])
         model.config.card = {}
-        for key in FINE_TUNE_SETTINGS:
-            value = ((config.get("model") or {}).get("stage1") or {}).get(key)
-            if value is not None:
-                setattr(model.config.stage1, key, value)
+        given = ((config.get("model") or {}).get("stage1") or {})
+        model.config.stage1 = dataclasses.replace(  # checked as a new model's are
+            model.config.stage1, **{k: given[k] for k in FINE_TUNE_SETTINGS if given.get(k) is not None})
         afresh = [s for s in STAGES if s not in config.get("init_stages", STAGES)]
         if afresh:
             fresh = NoduleModel.build(model.config, seed=settings.seed)
