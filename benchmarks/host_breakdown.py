@@ -4,7 +4,7 @@ A lesion data set (``nodule-detection make-lesion-dataset``) names each copy ``<
 scores a LUNA16 result file (``candidates.csv`` of ``evaluate-detector``) against the set's ``annotations.csv``
 once per host, with only that host's copies listed, so that the FP/scan axis counts that host's own structures::
 
-    .venv/bin/python benchmarks/host_breakdown.py valdata/annotations.csv eval_ins/candidates.csv
+    .venv/bin/python benchmarks/host_breakdown.py valdata/annotations.csv eval_inserted/candidates.csv
 
 Prints, per host: its copies, lesions, lesions hit at any score, the sensitivity at each LUNA16 FP rate and the
 CPM (``evaluate``, no bootstrap).
