@@ -2,7 +2,8 @@
 
 A lesion data set (``nodule-detection make-lesion-dataset``) names each copy ``<host>-ins<seed>-<copy>``; this
 scores a LUNA16 result file (``candidates.csv`` of ``evaluate-detector``) against the set's ``annotations.csv``
-once per host, with only that host's copies listed, so that the FP/scan axis counts that host's own structures::
+once per host, with only that host's copies listed (the copies named in ``annotations.csv``: each holds lesions),
+so that the FP/scan axis counts that host's own structures::
 
     .venv/bin/python benchmarks/host_breakdown.py valdata/annotations.csv eval_inserted/candidates.csv
 
