@@ -22,16 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "NoduleDetection"))
 from NoduleDetectionLib.datasets import read_findings  # noqa: E402
 from NoduleDetectionLib.errors import NoduleDetectionError  # noqa: E402
 from NoduleDetectionLib.evaluate import evaluate, read_candidates  # noqa: E402
-
-#: What separates a host's name from a copy's suffix in a lesion data set's seriesuids.
-COPY_MARK = "-ins"
-
-
-def host_of(seriesuid: str) -> str:
-    """The host scan of a lesion data set's copy (``LIDC-IDRI-0001-ins1000-4`` → ``LIDC-IDRI-0001``)."""
-    if COPY_MARK not in seriesuid:
-        raise NoduleDetectionError(f"{seriesuid} is not a copy of a lesion data set (no {COPY_MARK!r} in its name)")
-    return seriesuid.rsplit(COPY_MARK, 1)[0]
+from NoduleDetectionLib.lesion_dataset import host_of  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,21 @@ VALIDATION_SEED = 1000
 #: Columns of the written ``annotations.csv``.
 COLUMNS = ("seriesuid", "scan", "coordX", "coordY", "coordZ", "diameter_mm", "status", "source", "texture",
            "shape", "position")
-_COPY_NAME = re.compile(r".+-ins\d+-\d+\.nrrd")
+#: What joins a host's name to a copy's insertion seed and number: ``<host>-ins<seed>-<copy>`` (``copy_name``).
+COPY_MARK = "-ins"
+_COPY_NAME = re.compile(rf".+{COPY_MARK}\d+-\d+\.nrrd")
+
+
+def copy_name(host: str, seed: int, copy: int) -> str:
+    """The name of copy number ``copy`` of the scan ``host`` with lesions inserted by ``seed``."""
+    return f"{host}{COPY_MARK}{seed}-{copy}"
+
+
+def host_of(name: str) -> str:
+    """The host scan of a copy's name (``copy_name``): ``LIDC-IDRI-0001-ins1000-4`` → ``LIDC-IDRI-0001``."""
+    if COPY_MARK not in name:
+        raise InputError(f"{name} is not a copy of a lesion data set (no {COPY_MARK!r} in its name)")
+    return name.rsplit(COPY_MARK, 1)[0]
 
 
 def plan_copies(n_hosts: int, lesions: int, per_copy: int) -> list[tuple[int, int]]:
@@ -106,7 +120,7 @@ def make_lesion_dataset(
     if outdir.resolve() == ds.root.resolve():
         raise InputError(f"the output folder must not be the source data set {ds.root}")
     plan = plan_copies(len(ds.scans), lesions, per_copy)
-    names = [f"{ds.scans[h].stem}-ins{seed}-{j}" for j, (h, _) in enumerate(plan)]
+    names = [copy_name(ds.scans[h].stem, seed, j) for j, (h, _) in enumerate(plan)]
     _prepare_outdir(outdir, {f"{n}.nrrd" for n in names}, overwrite)
     specs = sample_lesion_specs(lesions, np.random.default_rng(seed))
 

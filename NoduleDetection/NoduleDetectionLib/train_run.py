@@ -69,13 +69,12 @@ section also ``trained_model.safetensors`` (before calibration), ``calibration_l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +88,7 @@ from .datasets import Dataset
 from .detect import resolve_device
 from .errors import InputError, NoduleDetectionError
 from .io import read_ct
-from .lesion_dataset import make_lesion_dataset
+from .lesion_dataset import copy_name, make_lesion_dataset
 from .lesions import LesionMix, avoid_radius_mm, insert_distractors, insert_lesions, sample_lesion_specs
 from .models import ModelConfig, NoduleModel
 from .pipeline import progress_bar
@@ -315,7 +314,7 @@ def cases_from_source(source: dict, seed: int) -> list[TrainingCase]:
             # Real nodules of a host keep their (unknown) outline out of the loss: ignore, not target.
             lesions = [(np.array(x.center_lps), x.diameter_mm) for x in inserted]
             cases.append(TrainingCase(new, labels, lesions, ignore + [(p, d / 2 + 2.0) for p, d in nodules],
-                                      name=f"{scan.seriesuid}{suffix}-ins{int(insert.get('seed', seed))}-{copy}",
+                                      name=copy_name(f"{scan.seriesuid}{suffix}", int(insert.get("seed", seed)), copy),
                                       kinds=[(x.spec.texture, x.spec.shape, x.spec.position) for x in inserted],
                                       negatives=listed))
             log.info("%s copy %d: %d lesions inserted", scan.name, copy, len(inserted))
@@ -402,7 +401,7 @@ def run_training(config_path: str | os.PathLike, outdir: str | os.PathLike, resu
         model = NoduleModel.load(config["init_model"])
         model.config.card = {}
         given = ((config.get("model") or {}).get("stage1") or {})
-        model.config.stage1 = dataclasses.replace(  # checked as a new model's are
+        model.config.stage1 = replace(  # checked as a new model's are
             model.config.stage1, **{k: given[k] for k in FINE_TUNE_SETTINGS if given.get(k) is not None})
         afresh = [s for s in STAGES if s not in config.get("init_stages", STAGES)]
         if afresh:
