@@ -2,16 +2,16 @@
 
 A GPU machine lent to a session receives a copy of the repository of at most 64 MiB and no ``../shared``, so
 this check trains on an 80 mm slab of the training host (LIDC-IDRI-0002, full resolution and cross-section:
-the lung mask needs the air around the body) and validates on the README's sample CT (a slab of the
-validation scan LIDC-IDRI-0001), with the recipe of the shipped networks (``Resources/Training/min_target.json``:
-networks, batches, patch sizes, lesion balancing, stage 2 negatives), 750 steps a stage, at most 6 minutes, so its
-step times compare with the shipped networks' CPU log (``Resources/Models/train_log.jsonl``). Session 5 ran it
-with the recipe shipped until session 6 (``--recipe Resources/Training/previous_shipped.json``)::
+the lung mask needs the air around the body) and validates and calibrates on the README's sample CT (a slab of
+the validation scan LIDC-IDRI-0001), with the one-command recipe of the shipped networks
+(``Resources/Training/shipped_recipe.json``: networks, batches, patch sizes, lesion balancing, stage 2 negatives,
+stage 1's averaged refinement and the pinned calibration), a few hundred steps a phase, at most 6 minutes, so its
+step times compare with a CPU log of the same recipe (``Resources/Models/experiments/shipped_recipe``). Session 5
+ran it with the recipe shipped until session 6 (``--recipe Resources/Training/previous_shipped.json``)::
 
     python benchmarks/gpu_training_check.py prepare ../shared/data .gpucheck      # here, once (CPU)
     nodule-detection train .gpucheck/config.json -o run --device cuda           # on the GPU machine
     python benchmarks/gpu_training_check.py summary run                         # step times, memory, CPM
-    python benchmarks/gpu_training_check.py summary Resources/Models            # the shipped networks' CPU log
 
 Inference: ``nodule-detection detect`` of the shipped model on both slabs with ``--device cuda`` (twice) there and
 ``--device cpu`` here, then ``compare`` matches the findings of two CSV files (count, centre distance, probability
@@ -38,7 +38,9 @@ from NoduleDetectionLib.volume import CTVolume
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0001-slab.nrrd"
-RECIPE = REPO / "Resources" / "Training" / "min_target.json"
+RECIPE = REPO / "Resources" / "Training" / "shipped_recipe.json"
+#: Steps of each training phase in the check (a phase the recipe does not have stays without steps).
+CHECK_STEPS = {"stage1": 500, "stage1_refine": 300, "stage2": 500}
 HOST = "LIDC-IDRI-0002"
 SLAB_SLICES = 64
 WINDOW = 20
@@ -72,8 +74,13 @@ def prepare(shared: Path, out: Path, recipe: Path = RECIPE) -> None:
                         "insert": {"lesions_per_scan": 15, "copies": 3, "seed": 1, "mix": mix}}]
     config["validation"] = [{"path": ".", "scans": [seriesuid["LIDC-IDRI-0001"]],
                              "insert": {"lesions_per_scan": 10, "copies": 1, "seed": 2000}}]
-    config["stage1"]["steps"] = config["stage2"]["steps"] = 750   # a check: 6 minutes at most
+    for phase, steps in CHECK_STEPS.items():   # a check: 6 minutes at most
+        if config.get(phase, {}).get("steps"):
+            config[phase]["steps"] = steps
     config["time_budget_minutes"] = 6
+    if config.get("calibration"):   # the recipe's pinned calibration, on lesions inserted into the sample
+        config["calibration"]["lesions"] = {"path": ".", "scans": [seriesuid["LIDC-IDRI-0001"]], "lesions": 20,
+                                            "per_copy": 10, "seed": 2000}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     print(f"slab: slices {k0}-{k0 + SLAB_SLICES - 1} of {HOST}; wrote {out}")
 
@@ -82,7 +89,7 @@ def summary(run: Path) -> dict:
     """Median step time of each stage, total time, validation CPMs and the card's machine from a run folder."""
     records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
     out: dict = {}
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1", "stage1_refine", "stage2"):
         rows = [r for r in records if r["stage"] == stage]
         elapsed = np.array([r["elapsed_s"] for r in rows])
         if len(elapsed) > WINDOW:  # the log rounds to 0.1 s: time windows of steps; the median skips validations
