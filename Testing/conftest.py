@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -17,6 +20,17 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "annotations.csv").exists():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def load_benchmark() -> Callable[[str], ModuleType]:
+    """A loader of the script ``benchmarks/<name>.py`` as a module (the benchmarks folder is not a package)."""
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 TINY_SETTINGS = dict(stage1_steps=150, stage2_steps=60, vessels=4)

@@ -1,6 +1,5 @@
 """``benchmarks/gpu_training_check.py``: the GPU check's data and config, and its summary of a run."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,15 +8,11 @@ from NoduleDetectionLib.io import read_ct
 from NoduleDetectionLib.train_run import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "gpu_training_check.py"
 
 
 @pytest.fixture(scope="module")
-def check():
-    spec = importlib.util.spec_from_file_location("gpu_training_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def check(load_benchmark):
+    return load_benchmark("gpu_training_check")
 
 
 def test_prepare_writes_a_short_valid_config_of_the_shipped_recipe(check, shared_data, tmp_path):

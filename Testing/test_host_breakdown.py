@@ -1,19 +1,11 @@
 """``benchmarks/host_breakdown.py``: an inserted-lesion evaluation split by host scan."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "host_breakdown.py"
 
 
 @pytest.fixture(scope="module")
-def breakdown():
-    spec = importlib.util.spec_from_file_location("host_breakdown", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def breakdown(load_benchmark):
+    return load_benchmark("host_breakdown")
 
 
 def test_each_host_is_scored_against_its_own_false_positives(breakdown, tmp_path, capsys):

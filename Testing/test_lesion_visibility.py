@@ -1,6 +1,5 @@
 """``benchmarks/lesion_visibility.py``: how much each inserted lesion adds to its copy, hit or missed."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,17 +9,13 @@ from NoduleDetectionLib.geometry import Geometry
 from NoduleDetectionLib.io import write_volume
 from NoduleDetectionLib.volume import CTVolume
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lesion_visibility.py"
 GEOMETRY = Geometry(spacing=(0.8, 0.8, 2.0), origin=(-20.0, -30.0, 100.0))
 NOISE_HU = 10.0
 
 
 @pytest.fixture(scope="module")
-def visibility():
-    spec = importlib.util.spec_from_file_location("lesion_visibility", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def visibility(load_benchmark):
+    return load_benchmark("lesion_visibility")
 
 
 def _dataset(tmp_path: Path) -> tuple[Path, Path, list[list[float]]]:
