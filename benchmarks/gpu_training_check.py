@@ -12,6 +12,10 @@ ran it with the recipe shipped until session 6 (``--recipe Resources/Training/pr
     python benchmarks/gpu_training_check.py prepare ../shared/data .gpucheck      # here, once (CPU)
     nodule-detection train .gpucheck/config.json -o run --device cuda           # on the GPU machine
     python benchmarks/gpu_training_check.py summary run                         # step times, memory, CPM
+    python benchmarks/gpu_training_check.py summary Resources/Models/experiments/shipped_recipe   # the CPU log
+
+``gpu_training_check_device.sh`` holds the commands run on the GPU machine (SimpleITK carried, the training run,
+``detect`` twice, the summary).
 
 Inference: ``nodule-detection detect`` of the shipped model on both slabs with ``--device cuda`` (twice) there and
 ``--device cpu`` here, then ``compare`` matches the findings of two CSV files (count, centre distance, probability
