@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from NoduleDetectionLib.io import read_ct, write_volume
 from NoduleDetectionLib.preprocess import lung_mask
+from NoduleDetectionLib.train import PHASES
 from NoduleDetectionLib.volume import CTVolume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +94,7 @@ def summary(run: Path) -> dict:
     """Median step time of each stage, total time, validation CPMs and the card's machine from a run folder."""
     records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
     out: dict = {}
-    for stage in ("stage1", "stage1_refine", "stage2"):
+    for stage in PHASES:
         rows = [r for r in records if r["stage"] == stage]
         elapsed = np.array([r["elapsed_s"] for r in rows])
         if len(elapsed) > WINDOW:  # the log rounds to 0.1 s: time windows of steps; the median skips validations

@@ -21,7 +21,6 @@ EXPERIMENTS.md``, "Session 21".
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from collections import defaultdict
@@ -32,8 +31,9 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "NoduleDetection"))
 
-from NoduleDetectionLib.datasets import Dataset  # noqa: E402
+from NoduleDetectionLib.datasets import Dataset, read_findings  # noqa: E402
 from NoduleDetectionLib.errors import InputError  # noqa: E402
+from NoduleDetectionLib.evaluate import froc_output_paths  # noqa: E402
 from NoduleDetectionLib.io import read_ct  # noqa: E402
 from NoduleDetectionLib.lesions import estimate_noise_std  # noqa: E402
 
@@ -79,12 +79,11 @@ def measure(dataset: Path, shared: Path) -> list[dict]:
 
 def mark_missed(records: list[dict], missed_csv: Path) -> int:
     """Set each record's ``missed`` from an evaluation's ``missed_nodules.csv``; return how many it lists."""
-    with open(missed_csv, newline="") as f:
-        missed = [(r["seriesuid"], np.array([float(r[k]) for k in ("coordX", "coordY", "coordZ")]))
-                  for r in csv.DictReader(f)]
+    missed = read_findings(missed_csv, status="nodule")
     for record in records:
-        record["missed"] = any(uid == record["seriesuid"] and np.linalg.norm(xyz - record["centre"]) < MATCH_MM
-                               for uid, xyz in missed)
+        record["missed"] = any(m.seriesuid == record["seriesuid"]
+                               and np.linalg.norm(np.subtract(m.center_lps, record["centre"])) < MATCH_MM
+                               for m in missed)
     if sum(r["missed"] for r in records) != len(missed):
         raise InputError(f"{missed_csv}: {len(missed)} missed lesions, of which "
                          f"{sum(r['missed'] for r in records)} are lesions of this dataset")
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shared = args.shared or Path(json.loads((args.dataset / "lesions.json").read_text())["source"])
         records = measure(args.dataset, shared)
-        mark_missed(records, args.evaluation / "missed_nodules.csv")
+        mark_missed(records, froc_output_paths(args.evaluation)["missed"])
     except (OSError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
